@@ -1,0 +1,479 @@
+"""The dispatcher daemon: ``danbyte-webhooks run``.
+
+One main thread owns the work connection and does all the SQL (fan-out,
+claim, write-back, heartbeat); a pool of sender threads does the HTTP; a
+listener thread owns the LISTEN connection. The main thread sleeps on a
+self-pipe that three sources write to: a notification (or a listener
+reconnect), a finished request, and a signal. A poll timeout is the fourth,
+backstop, source.
+
+Idle protocol (to keep NOTIFY off the application's write path): when a check
+of the queue finds nothing, the dispatcher marks itself idle in
+``webhooks.dispatcher`` and checks once more; the capture triggers only NOTIFY
+while some live dispatcher is idle. When a check finds work it clears the
+flag, so a busy dispatcher costs the writers no NOTIFY at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from queue import Empty, SimpleQueue
+from select import select
+from types import FrameType
+
+import psycopg
+
+from dispatcher import __version__, db
+from dispatcher.config import Settings
+from dispatcher.delivery import Job, Outcome, Sender
+from dispatcher.errors import UserError
+from dispatcher.retry import decide
+
+log = logging.getLogger("danbyte.dispatcher")
+
+#: Write-back waits at most this long to batch results together.
+WRITE_BACK_DELAY = 0.005
+#: Reconnect backoff is capped so delivery resumes within seconds of recovery.
+MAX_BACKOFF = 5.0
+
+
+class Listener(threading.Thread):
+    """Keeps a LISTEN connection open and reports notifications.
+
+    ``on_wake`` is called for every notification except probes, and after
+    every (re)connect, since notifications may have been missed meanwhile.
+    """
+
+    def __init__(self, dsn: str, on_wake: Callable[[], None]) -> None:
+        super().__init__(name="listener", daemon=True)
+        self.dsn = dsn
+        self.on_wake = on_wake
+        self.last_heard = time.monotonic()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._restart = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def restart(self) -> None:
+        """Drop the connection and open a new one (it looks dead)."""
+        self._restart.set()
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            conn = None
+            try:
+                conn = db.connect(self.dsn, application_name="danbyte-webhooks listener")
+                conn.execute(f"LISTEN {db.CHANNEL}")
+                self._restart.clear()
+                self.connected.set()
+                self.last_heard = time.monotonic()
+                log.info("listening on channel %s", db.CHANNEL)
+                backoff = 0.1
+                self.on_wake()  # catch up on what was missed while disconnected
+                while not self._stop.is_set() and not self._restart.is_set():
+                    # A timeout lets the loop notice stop/restart requests; a
+                    # dead socket either raises here or is caught by the probe.
+                    for notify in conn.notifies(timeout=0.5):
+                        self.last_heard = time.monotonic()
+                        if not notify.payload.startswith("probe:"):
+                            self.on_wake()
+                if self._restart.is_set():
+                    log.warning("listener connection looks dead: reconnecting")
+            except (psycopg.Error, UserError) as exc:
+                self.connected.clear()
+                if self._stop.is_set():
+                    break
+                log.warning(
+                    "listener connection lost (%s); reconnecting in %.1fs", _one_line(exc), backoff
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            finally:
+                self.connected.clear()
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except psycopg.Error:
+                        pass
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Dispatcher:
+    """The daemon. ``run()`` returns the process exit code."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ident = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.sender = Sender(proxy=settings.proxy, pool_size=settings.per_webhook_concurrency)
+        self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sender")
+        self.results: SimpleQueue[Outcome] = SimpleQueue()
+        self.in_flight: dict[int, int] = defaultdict(int)
+        self.futures: dict[Future[None], Job] = {}
+        self.conn: psycopg.Connection | None = None
+        self.listener = Listener(settings.dsn, self._on_wake)
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._notified = threading.Event()
+        self.stopping = False
+        self.signals = 0
+        self.armed = False
+        self.recheck = True  # sweep at start-up
+        self.more = False
+        self.freed = False
+        self.last_check = 0.0
+        self.next_maintenance = 0.0
+        self.probe_sent_at: float | None = None
+        self.first_result_at: float | None = None
+        self.pending: list[Outcome] = []
+
+    # -- wake-up sources ----------------------------------------------------
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wfd, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the main loop is awake anyway
+
+    def _on_wake(self) -> None:
+        self._notified.set()
+        self._poke()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs in the main thread between bytecodes: only set flags and poke.
+        self.signals += 1
+        if self.signals == 1:
+            self.stopping = True
+            self._poke()
+        else:
+            log.warning(
+                "second signal: exiting now; leased deliveries are retried "
+                "after their lease expires"
+            )
+            logging.shutdown()
+            os._exit(1)
+
+    def _wait(self, timeout: float) -> None:
+        if timeout > 0:
+            try:
+                select([self._rfd], [], [], timeout)
+            except InterruptedError:
+                pass
+        try:
+            while os.read(self._rfd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- sending (sender threads) ---------------------------------------------
+
+    def _send(self, job: Job) -> None:
+        try:
+            outcome = self.sender.send(job)
+        except Exception as exc:  # a bug must not lose the delivery: record it as failed
+            log.exception("unexpected error sending delivery %s", job.delivery_id)
+            outcome = Outcome(
+                job=job,
+                ok=False,
+                status_code=None,
+                error=f"internal error: {type(exc).__name__}",
+                duration_ms=0.0,
+                attempted_at=datetime.now(timezone.utc),
+                request_headers={},
+            )
+        self.results.put(outcome)
+        self._poke()
+
+    # -- database steps (main thread) ----------------------------------------
+
+    def _connection(self) -> psycopg.Connection:
+        if self.conn is None or self.conn.closed:
+            self.conn = db.connect(
+                self.settings.dsn, application_name="danbyte-webhooks dispatcher"
+            )
+            db.register_dispatcher(
+                self.conn, self.ident, socket.gethostname(), os.getpid(), __version__
+            )
+            self.armed = False
+            self.recheck = True  # catch up after every reconnect
+        return self.conn
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+        self.conn = None
+
+    def _collect(self) -> None:
+        """Move finished requests from the queue into ``pending`` and free their slots."""
+        while True:
+            try:
+                outcome = self.results.get_nowait()
+            except Empty:
+                return
+            if self.first_result_at is None:
+                self.first_result_at = time.monotonic()
+            self.pending.append(outcome)
+            job = outcome.job
+            self.in_flight[job.webhook_id] -= 1
+            if self.in_flight[job.webhook_id] <= 0:
+                del self.in_flight[job.webhook_id]
+            self.freed = True
+            self._log_outcome(outcome)
+
+    def _log_outcome(self, outcome: Outcome) -> None:
+        job = outcome.job
+        level = logging.INFO if outcome.ok else logging.WARNING
+        log.log(
+            level,
+            "delivery %s webhook=%s event=%s object=%s:%s attempt=%d status=%s duration=%.1fms%s",
+            job.delivery_id,
+            job.webhook_name,
+            job.event,
+            job.object_type,
+            job.object_id,
+            job.attempt,
+            outcome.status_code if outcome.status_code else "-",
+            outcome.duration_ms,
+            f" error={outcome.error}" if outcome.error else "",
+            extra={
+                "delivery_id": job.delivery_id,
+                "webhook": job.webhook_name,
+                "event": job.event,
+                "object_type": job.object_type,
+                "object_id": job.object_id,
+                "attempt": job.attempt,
+                "status_code": outcome.status_code,
+                "duration_ms": round(outcome.duration_ms, 2),
+                "error": outcome.error,
+                "ok": outcome.ok,
+            },
+        )
+
+    def _write_back(self, force: bool = False) -> None:
+        if not self.pending:
+            return
+        now = time.monotonic()
+        waited = now - (self.first_result_at or now)
+        if not force and len(self.pending) < self.settings.batch_size and waited < WRITE_BACK_DELAY:
+            return
+        batch = [(o, decide(o, base=self.settings.retry_base)) for o in self.pending]
+        db.record_outcomes(self._connection(), self.ident, batch)
+        for outcome, decision in batch:
+            if decision.disable_reason:
+                log.warning(
+                    "webhook %s disabled: %s", outcome.job.webhook_name, decision.disable_reason
+                )
+        self.pending = []
+        self.first_result_at = None
+
+    def _maintenance(self) -> None:
+        conn = self._connection()
+        s = self.settings
+        db.heartbeat(conn, self.ident, self.armed)
+        expired = db.expire_leases(conn)
+        if expired:
+            log.warning(
+                "%d deliveries had an expired lease (a dispatcher died?): queued again", expired
+            )
+        db.forget_stale_dispatchers(conn, max(60.0, 10 * s.poll_interval))
+        # Listener self-check: our own probe must come back within two intervals.
+        now = time.monotonic()
+        if (
+            self.probe_sent_at is not None
+            and self.listener.last_heard < self.probe_sent_at
+            and now - self.probe_sent_at > 2 * s.poll_interval
+        ):
+            self.listener.restart()
+            self.probe_sent_at = None
+        if self.listener.connected.is_set():
+            if self.probe_sent_at is None or self.listener.last_heard >= self.probe_sent_at:
+                self.probe_sent_at = now
+            db.notify_probe(conn, f"probe:{self.ident}")
+        self.recheck = True  # the poll backstop
+        self.next_maintenance = now + s.poll_interval
+
+    def _check(self) -> None:
+        """Fan out new changes and claim what we have room for."""
+        conn = self._connection()
+        s = self.settings
+        self.last_check = time.monotonic()
+        self.recheck = self.freed = False
+        changes, _ = db.fan_out(conn, s.batch_size)
+        room = s.workers - len(self.futures)
+        jobs = (
+            db.claim(
+                conn,
+                me=self.ident,
+                limit=min(room, s.batch_size),
+                per_webhook=s.per_webhook_concurrency,
+                in_flight=self.in_flight,
+                lease=s.lease_time,
+                default_timeout=s.default_timeout,
+            )
+            if room > 0
+            else []
+        )
+        for job in jobs:
+            self.in_flight[job.webhook_id] += 1
+            self.futures[self.executor.submit(self._send, job)] = job
+        self.more = changes >= s.batch_size or (room > 0 and len(jobs) >= min(room, s.batch_size))
+        if changes or jobs:
+            if self.armed:
+                db.heartbeat(conn, self.ident, idle=False)
+                self.armed = False
+        elif not self.armed:
+            # Nothing to do: ask the triggers to wake us, then look once more
+            # for a change that committed before the flag was visible.
+            db.heartbeat(conn, self.ident, idle=True)
+            self.armed = True
+            self.recheck = True
+
+    def _should_check(self, now: float) -> bool:
+        if self.stopping or len(self.futures) >= self.settings.workers:
+            return False
+        if self._notified.is_set():
+            self._notified.clear()
+            return True
+        if self.recheck or self.more:
+            return True
+        since = now - self.last_check
+        if self.freed and since >= self.settings.busy_poll_interval:
+            return True
+        return not self.armed and since >= self.settings.busy_poll_interval
+
+    def _step(self) -> None:
+        self._collect()
+        self.futures = {f: j for f, j in self.futures.items() if not f.done()}
+        self._write_back(force=self.stopping)
+        now = time.monotonic()
+        if now >= self.next_maintenance:
+            self._maintenance()
+        if self._should_check(time.monotonic()):
+            self._check()
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        timeout = max(0.0, self.next_maintenance - now)
+        if self.pending:
+            timeout = min(timeout, WRITE_BACK_DELAY)
+        if not self.armed or self.freed:
+            timeout = min(
+                timeout, max(0.0, self.last_check + self.settings.busy_poll_interval - now)
+            )
+        if self.recheck or self.more:
+            timeout = 0.0
+        return timeout
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def run(self) -> int:
+        """Deliver until SIGTERM/SIGINT; return the exit code."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info(
+            "dispatcher %s starting (version %s, %d workers)",
+            self.ident,
+            __version__,
+            self.settings.workers,
+        )
+        self.listener.start()
+        backoff = 0.1
+        while True:
+            if self.stopping and (self._drained() or self._shutdown_expired()):
+                break
+            try:
+                self._step()
+                backoff = 0.1
+            except (psycopg.OperationalError, UserError) as exc:
+                log.warning(
+                    "database connection lost (%s); reconnecting in %.1fs", _one_line(exc), backoff
+                )
+                self._drop_connection()
+                self._wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            self._wait(self._timeout() if not self.stopping else 0.05)
+        return self._shutdown()
+
+    _stop_started: float | None = None
+
+    def _drained(self) -> bool:
+        if self._stop_started is None:
+            self._stop_started = time.monotonic()
+            log.info(
+                "stopping: finishing %d requests in flight (up to %.0fs); "
+                "signal again to quit at once",
+                len(self.futures),
+                self.settings.shutdown_timeout,
+            )
+            # Claimed but not started: give them back now rather than at lease expiry.
+            unstarted = [job for f, job in self.futures.items() if f.cancel()]
+            if unstarted:
+                try:
+                    db.release(self._connection(), self.ident, [j.delivery_id for j in unstarted])
+                except (psycopg.OperationalError, UserError):
+                    pass  # their leases expire instead
+                for job in unstarted:
+                    self.in_flight[job.webhook_id] -= 1
+        return (
+            not any(not f.done() for f in self.futures)
+            and self.results.empty()
+            and not self.pending
+        )
+
+    def _shutdown_expired(self) -> bool:
+        assert self._stop_started is not None
+        return time.monotonic() - self._stop_started > self.settings.shutdown_timeout
+
+    def _shutdown(self) -> int:
+        self._collect()
+        try:
+            self._write_back(force=True)
+        except (psycopg.OperationalError, UserError) as exc:
+            log.error(
+                "could not record %d results (%s): those deliveries will be retried "
+                "after their lease expires",
+                len(self.pending),
+                _one_line(exc),
+            )
+        unfinished = [f for f in self.futures if not f.done()]
+        if unfinished:
+            log.warning(
+                "%d requests still in flight after %.0fs: their deliveries are retried "
+                "after their lease expires",
+                len(unfinished),
+                self.settings.shutdown_timeout,
+            )
+        try:
+            if self.conn is not None and not self.conn.closed:
+                db.unregister_dispatcher(self.conn, self.ident)
+        except psycopg.Error:
+            pass
+        self.listener.stop()
+        self._drop_connection()
+        log.info("dispatcher %s stopped", self.ident)
+        logging.shutdown()
+        if unfinished:
+            os._exit(0)  # sender threads are stuck in requests; do not wait for them
+        self.executor.shutdown(wait=False)
+        return 0

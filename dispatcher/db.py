@@ -1,0 +1,702 @@
+"""Everything that talks SQL: migrations, the dispatcher's queue, management.
+
+Functions take an open psycopg connection. Unless a function says otherwise,
+the connection is in autocommit mode and each function is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from dispatcher.delivery import Job, Outcome
+from dispatcher.errors import UserError
+from dispatcher.retry import Decision
+
+CHANNEL = "danbyte_webhooks"
+MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+# --------------------------------------------------------------------------
+# Connections
+# --------------------------------------------------------------------------
+
+
+def connect(dsn: str, *, application_name: str = "danbyte-webhooks") -> psycopg.Connection:
+    """An autocommit connection with UTC timestamps and TCP keepalives.
+
+    Raises :class:`UserError` with the server's reason if it cannot connect.
+    """
+    try:
+        return psycopg.connect(
+            dsn,
+            autocommit=True,
+            application_name=application_name,
+            options="-c TimeZone=UTC",
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+            connect_timeout=10,
+        )
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise UserError(f"cannot connect to the database: {reason}") from None
+
+
+# --------------------------------------------------------------------------
+# Migrations
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Traversable | Path
+
+    def text(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+
+def sql_dir() -> Traversable | Path:
+    """The migration files: ``dispatcher/sql`` in a wheel, ``sql/`` in a checkout."""
+    packaged = resources.files("dispatcher") / "sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def migrations() -> list[Migration]:
+    """All migration files, in the order they apply."""
+    found = []
+    for entry in sql_dir().iterdir():
+        m = MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append(Migration(m.group(1), m.group(2), entry))
+    return sorted(found, key=lambda mig: mig.version)
+
+
+def applied_versions(conn: psycopg.Connection) -> set[str]:
+    """Versions recorded in ``webhooks.schema_version`` (empty before the first migration)."""
+    exists = conn.execute("SELECT to_regclass('webhooks.schema_version') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return set()
+    return {row[0] for row in conn.execute("SELECT version FROM webhooks.schema_version")}
+
+
+def migrate(conn: psycopg.Connection) -> list[Migration]:
+    """Apply the migrations not applied yet; return those applied.
+
+    Each file is its own transaction (BEGIN ... COMMIT inside the file) and
+    takes an advisory lock, so concurrent runs wait for each other and the
+    second one finds nothing to do.
+    """
+    done = applied_versions(conn)
+    applied = []
+    for mig in migrations():
+        if mig.version in done:
+            continue
+        before = applied_versions(conn)
+        # No parameters: psycopg sends the file with the simple query
+        # protocol, which runs its several statements in order.
+        conn.execute(mig.text())  # type: ignore[arg-type]
+        if mig.version not in before:
+            applied.append(mig)
+    return applied
+
+
+def schema_version(conn: psycopg.Connection) -> str | None:
+    """The newest applied migration version, or None."""
+    versions = applied_versions(conn)
+    return max(versions) if versions else None
+
+
+def require_schema(conn: psycopg.Connection) -> None:
+    """Raise :class:`UserError` if the migrations have not been applied."""
+    if not applied_versions(conn):
+        raise UserError(
+            "the webhooks schema is not installed in this database: run `danbyte-webhooks migrate`"
+        )
+
+
+# --------------------------------------------------------------------------
+# The dispatcher's queue
+# --------------------------------------------------------------------------
+
+
+def register_dispatcher(
+    conn: psycopg.Connection, ident: str, host: str, pid: int, version: str
+) -> None:
+    conn.execute(
+        "INSERT INTO webhooks.dispatcher (id, host, pid, version) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (id) DO UPDATE SET seen_at = now(), idle = false",
+        (ident, host, pid, version),
+    )
+
+
+def heartbeat(conn: psycopg.Connection, ident: str, idle: bool) -> None:
+    """Record that dispatcher ``ident`` is alive, and whether it waits for a NOTIFY."""
+    cur = conn.execute(
+        "UPDATE webhooks.dispatcher SET seen_at = now(), idle = %s WHERE id = %s", (idle, ident)
+    )
+    if cur.rowcount == 0:  # removed as stale while we were disconnected
+        conn.execute(
+            "INSERT INTO webhooks.dispatcher (id, host, pid, version, idle) "
+            "VALUES (%s, '', 0, '', %s) ON CONFLICT (id) DO NOTHING",
+            (ident, idle),
+        )
+
+
+def unregister_dispatcher(conn: psycopg.Connection, ident: str) -> None:
+    conn.execute("DELETE FROM webhooks.dispatcher WHERE id = %s", (ident,))
+
+
+def forget_stale_dispatchers(conn: psycopg.Connection, older_than: float) -> int:
+    cur = conn.execute(
+        "DELETE FROM webhooks.dispatcher WHERE seen_at < now() - %s * interval '1 second'",
+        (older_than,),
+    )
+    return cur.rowcount
+
+
+def notify_probe(conn: psycopg.Connection, payload: str) -> None:
+    """Send a notification that only dispatchers care about (listener self-check)."""
+    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+
+def expire_leases(conn: psycopg.Connection) -> int:
+    """Put deliveries whose lease ran out (their dispatcher died) back in the queue.
+
+    Deliveries of webhooks deleted or disabled meanwhile are cancelled instead.
+    """
+    cur = conn.execute(
+        """
+        UPDATE webhooks.delivery d
+           SET state = CASE WHEN d.is_test OR coalesce(w.enabled, false) THEN 'pending'
+                            ELSE 'cancelled' END,
+               finished_at = CASE WHEN d.is_test OR coalesce(w.enabled, false) THEN NULL
+                                  ELSE now() END,
+               claimed_by = NULL, lease_until = NULL
+          FROM webhooks.delivery x
+          LEFT JOIN webhooks.webhook w ON w.id = x.webhook_id
+         WHERE x.id = d.id AND x.state = 'sending' AND x.lease_until < now()
+        """
+    )
+    return cur.rowcount
+
+
+FAN_OUT = """
+WITH batch AS (
+    SELECT id FROM webhooks.outbox
+     WHERE dispatched_at IS NULL
+     ORDER BY id
+     LIMIT %(limit)s
+     -- SKIP LOCKED: concurrent dispatchers take disjoint batches instead of
+     -- queueing behind each other's row locks.
+       FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE webhooks.outbox o SET dispatched_at = now()
+      FROM batch WHERE o.id = batch.id
+    RETURNING o.id, o.event, o.object_type, o.object_id, o.changed_at
+), created AS (
+    INSERT INTO webhooks.delivery
+        (outbox_id, webhook_id, webhook_name, event, object_type, object_id, max_attempts)
+    SELECT m.id, w.id, w.name, m.event, m.object_type, m.object_id, w.max_attempts
+      FROM marked m
+      JOIN webhooks.webhook w
+        ON w.enabled
+       AND m.event = ANY (w.triggers)
+       AND (w.object_types IS NULL OR m.object_type = ANY (w.object_types))
+       AND m.changed_at >= w.enabled_at
+     ORDER BY m.id, w.id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM created)
+"""
+
+
+def fan_out(conn: psycopg.Connection, limit: int) -> tuple[int, int]:
+    """Turn up to ``limit`` captured changes into deliveries, one per matching webhook.
+
+    Returns (changes taken, deliveries created). A change that matches no
+    webhook is marked dispatched with no delivery.
+    """
+    row = conn.execute(FAN_OUT, {"limit": limit}).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+JOB_COLUMNS = """
+    c.id::text AS delivery_id, c.webhook_id, w.name AS webhook_name, c.event, c.object_type,
+    c.object_id, c.is_test, c.attempts + 1 AS attempt, c.max_attempts, w.method, w.payload_url,
+    w.content_type, w.secret, w.additional_headers, w.verify_tls, w.timeout_seconds,
+    w.retry_on_4xx,
+    json_build_object(
+        'event', c.event,
+        'delivery_id', c.id,
+        'timestamp', coalesce(o.changed_at, c.created_at),
+        'object_type', c.object_type,
+        'object_id', c.object_id,
+        'username', coalesce(o.username, o.db_user, session_user),
+        'db_user', coalesce(o.db_user, session_user),
+        'request_id', o.request_id,
+        'webhook', w.name,
+        'data', CASE WHEN c.is_test
+                     THEN json_build_object('message', 'A test delivery from Danbyte Webhooks.')
+                     WHEN c.event = 'delete' THEN o.prechange
+                     ELSE o.postchange END,
+        'snapshots', json_build_object('prechange', o.prechange, 'postchange', o.postchange)
+    )::text AS body
+"""
+
+CLAIM = (
+    """
+WITH locked AS (
+    SELECT d.id, d.webhook_id, d.due_at, d.seq
+      FROM webhooks.delivery d
+     WHERE d.state = 'pending' AND d.due_at <= now()
+       AND d.webhook_id <> ALL (%(full)s::bigint[])
+     ORDER BY d.due_at, d.seq
+     LIMIT %(scan)s
+     -- SKIP LOCKED: rows another dispatcher is claiming right now are passed
+     -- over, so the LIMIT applies to rows we can actually take.
+       FOR UPDATE SKIP LOCKED
+), ranked AS (
+    SELECT l.*, row_number() OVER (PARTITION BY l.webhook_id ORDER BY l.due_at, l.seq) AS rn
+      FROM locked l
+), chosen AS (
+    SELECT r.id FROM ranked r
+      LEFT JOIN unnest(%(busy_ids)s::bigint[], %(busy_room)s::int[]) AS b(webhook_id, room)
+        ON b.webhook_id = r.webhook_id
+     WHERE r.rn <= coalesce(b.room, %(per_webhook)s)
+     ORDER BY r.due_at, r.seq
+     LIMIT %(limit)s
+), claimed AS (
+    UPDATE webhooks.delivery d
+       SET state = 'sending', claimed_by = %(me)s,
+           lease_until = now() + greatest(%(lease)s, coalesce(w.timeout_seconds, %(timeout)s) + 30)
+                                 * interval '1 second'
+      FROM chosen, webhooks.webhook w
+     WHERE d.id = chosen.id AND w.id = d.webhook_id AND (w.enabled OR d.is_test)
+    RETURNING d.*
+)
+SELECT """
+    + JOB_COLUMNS
+    + """
+  FROM claimed c
+  JOIN webhooks.webhook w ON w.id = c.webhook_id
+  LEFT JOIN webhooks.outbox o ON o.id = c.outbox_id
+ ORDER BY c.due_at, c.seq
+"""
+)
+
+
+def _job(row: dict[str, Any], default_timeout: float) -> Job:
+    return Job(
+        delivery_id=row["delivery_id"],
+        webhook_id=row["webhook_id"],
+        webhook_name=row["webhook_name"],
+        event=row["event"],
+        object_type=row["object_type"],
+        object_id=row["object_id"],
+        is_test=row["is_test"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        method=row["method"],
+        url=row["payload_url"],
+        content_type=row["content_type"],
+        secret=row["secret"],
+        additional_headers=row["additional_headers"],
+        verify_tls=row["verify_tls"],
+        timeout=row["timeout_seconds"] or default_timeout,
+        retry_on_4xx=row["retry_on_4xx"],
+        body=row["body"].encode(),
+    )
+
+
+def claim(
+    conn: psycopg.Connection,
+    *,
+    me: str,
+    limit: int,
+    per_webhook: int,
+    in_flight: dict[int, int],
+    lease: float,
+    default_timeout: float,
+) -> list[Job]:
+    """Lease up to ``limit`` due deliveries to dispatcher ``me``.
+
+    No webhook gets more than ``per_webhook`` deliveries in flight, counting
+    the ``in_flight`` ones this dispatcher already sends. The lease lasts
+    ``lease`` seconds (at least the request timeout plus 30 s).
+    """
+    full = [w for w, n in in_flight.items() if n >= per_webhook]
+    busy = [(w, per_webhook - n) for w, n in in_flight.items() if 0 < n < per_webhook]
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            CLAIM,
+            {
+                "full": full,
+                "busy_ids": [w for w, _ in busy],
+                "busy_room": [r for _, r in busy],
+                "per_webhook": per_webhook,
+                "limit": limit,
+                "scan": max(limit * 2, 50),
+                "me": me,
+                "lease": lease,
+                "timeout": default_timeout,
+            },
+        )
+        return [_job(row, default_timeout) for row in cur.fetchall()]
+
+
+RECORD_PARAMS = (
+    "ids", "attempt", "outcome", "state", "retry_in", "status", "error", "duration",
+    "attempted_at", "method", "url", "req_headers", "resp_headers", "resp_body",
+)  # fmt: skip
+
+RECORD = """
+WITH r AS (
+    SELECT * FROM unnest(
+        %(ids)s::uuid[], %(attempt)s::int[], %(outcome)s::text[], %(state)s::text[],
+        %(retry_in)s::float8[], %(status)s::int[], %(error)s::text[], %(duration)s::float8[],
+        %(attempted_at)s::timestamptz[], %(method)s::text[], %(url)s::text[],
+        %(req_headers)s::text[], %(resp_headers)s::text[], %(resp_body)s::text[])
+      AS r(id, attempt, outcome, state, retry_in, status, error, duration_ms, attempted_at,
+           method, url, req_headers, resp_headers, resp_body)
+), upd AS (
+    UPDATE webhooks.delivery d
+       SET state = r.state,
+           attempts = r.attempt,
+           status_code = r.status,
+           error = r.error,
+           due_at = CASE WHEN r.state = 'pending'
+                         THEN now() + r.retry_in * interval '1 second' ELSE d.due_at END,
+           finished_at = CASE WHEN r.state = 'pending' THEN NULL ELSE now() END,
+           claimed_by = NULL,
+           lease_until = NULL
+      FROM r
+     WHERE d.id = r.id AND d.state = 'sending' AND d.claimed_by = %(me)s
+    RETURNING d.id
+)
+INSERT INTO webhooks.delivery_attempt
+    (delivery_id, attempt, attempted_at, duration_ms, dispatcher, outcome, request_method,
+     request_url, request_headers, status_code, response_headers, response_body, error)
+SELECT r.id, r.attempt, r.attempted_at, r.duration_ms, %(me)s, r.outcome, r.method, r.url,
+       r.req_headers::jsonb, r.status, r.resp_headers::jsonb, r.resp_body, r.error
+  FROM r
+"""
+
+
+def record_outcomes(
+    conn: psycopg.Connection, me: str, results: Sequence[tuple[Outcome, Decision]]
+) -> None:
+    """Write attempts and the deliveries' new states in one transaction.
+
+    A delivery whose lease was taken over by another dispatcher keeps its
+    state, but the attempt is still logged: it happened. Webhooks that
+    answered 410 Gone are disabled in the same transaction.
+    """
+    if not results:
+        return
+    rows = []
+    gone: dict[int, str] = {}
+    for outcome, decision in results:
+        job = outcome.job
+        rows.append(
+            (
+                job.delivery_id,
+                job.attempt,
+                "retrying" if decision.state == "pending" else decision.state,
+                decision.state,
+                decision.retry_in,
+                outcome.status_code,
+                outcome.error,
+                outcome.duration_ms,
+                outcome.attempted_at,
+                job.method,
+                job.url,
+                json.dumps(outcome.request_headers),
+                None if outcome.response_headers is None else json.dumps(outcome.response_headers),
+                outcome.response_body,
+            )
+        )
+        if decision.disable_reason:
+            gone[job.webhook_id] = decision.disable_reason
+    # One array per column: the statement unnests them back into rows.
+    cols = dict(zip(RECORD_PARAMS, map(list, zip(*rows, strict=True)), strict=True))
+    with conn.transaction():
+        conn.execute(RECORD, {**cols, "me": me})
+        for webhook_id, reason in gone.items():
+            conn.execute(
+                "UPDATE webhooks.webhook SET enabled = false, disabled_reason = %s "
+                "WHERE id = %s AND enabled",
+                (f"{reason} (at {_now_text(conn)})", webhook_id),
+            )
+
+
+def _now_text(conn: psycopg.Connection) -> str:
+    row = conn.execute("SELECT to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ')").fetchone()
+    return str(row[0]) if row else ""
+
+
+def release(conn: psycopg.Connection, me: str, delivery_ids: Iterable[str]) -> int:
+    """Give back leased deliveries that were never sent (warm shutdown)."""
+    ids = list(delivery_ids)
+    if not ids:
+        return 0
+    cur = conn.execute(
+        "UPDATE webhooks.delivery SET state = 'pending', claimed_by = NULL, lease_until = NULL "
+        "WHERE id = ANY(%s::uuid[]) AND state = 'sending' AND claimed_by = %s",
+        (ids, me),
+    )
+    return cur.rowcount
+
+
+def begin_test(conn: psycopg.Connection, name: str, me: str, default_timeout: float) -> Job:
+    """Create a test delivery for webhook ``name``, leased to ``me``, and return its job.
+
+    Needs a role that can read the webhook's secret (owner or danbyte_dispatcher).
+    """
+    with conn.transaction():
+        row = conn.execute("SELECT id FROM webhooks.webhook WHERE name = %s", (name,)).fetchone()
+        if row is None:
+            raise UserError(f"no webhook named {name!r}")
+        created = conn.execute(
+            """
+            INSERT INTO webhooks.delivery (webhook_id, webhook_name, event, object_type, is_test,
+                                           state, claimed_by, lease_until)
+            VALUES (%s, %s, 'test', 'danbyte.test', true, 'sending', %s,
+                    now() + interval '10 minutes')
+            RETURNING id::text
+            """,
+            (row[0], name, me),
+        ).fetchone()
+        assert created is not None
+        delivery_id = created[0]
+    return fetch_job(conn, delivery_id, default_timeout)
+
+
+def fetch_job(conn: psycopg.Connection, delivery_id: str, default_timeout: float) -> Job:
+    """The job for a delivery by id (whatever its state)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT "
+            + JOB_COLUMNS
+            + """
+              FROM webhooks.delivery c
+              JOIN webhooks.webhook w ON w.id = c.webhook_id
+              LEFT JOIN webhooks.outbox o ON o.id = c.outbox_id
+             WHERE c.id = %s""",
+            (delivery_id,),
+        )
+        row = cur.fetchone()
+    if row is None:
+        raise UserError(f"no delivery {delivery_id}")
+    return _job(row, default_timeout)
+
+
+# --------------------------------------------------------------------------
+# Management (webhooks, watched tables, change log)
+# --------------------------------------------------------------------------
+
+#: Columns a person may set on a webhook.
+WEBHOOK_FIELDS = (
+    "name",
+    "enabled",
+    "object_types",
+    "triggers",
+    "method",
+    "payload_url",
+    "content_type",
+    "secret",
+    "additional_headers",
+    "verify_tls",
+    "timeout_seconds",
+    "max_attempts",
+    "retry_on_4xx",
+)
+
+_CONSTRAINT_MESSAGES = {
+    "webhook_name_unique": "a webhook with this name already exists: choose another name",
+    "webhook_name_not_blank": "the name must not be blank and at most 200 characters",
+    "webhook_secret_not_empty": "the secret must not be empty (clear it instead)",
+    "webhook_timeout_range": "the timeout must be more than 0 and at most 300 seconds",
+    "webhook_max_attempts_range": "max attempts must be between 1 and 50",
+}
+
+
+class friendly_errors:
+    """Turn database refusals of user input into :class:`UserError` sentences."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or not isinstance(exc, psycopg.DatabaseError):
+            return False
+        if isinstance(exc, psycopg.OperationalError):
+            return False
+        diag = exc.diag
+        message = diag.message_primary or _first_line(exc)
+        if diag.constraint_name in _CONSTRAINT_MESSAGES:
+            message = _CONSTRAINT_MESSAGES[diag.constraint_name]
+        elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            message = (
+                f"{message}: this needs membership in danbyte_integrations "
+                "(GRANT danbyte_integrations TO <role>)"
+                if "permission denied" in message
+                else message
+            )
+        raise UserError(message) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _assignments(fields: dict[str, Any]) -> sql.Composed:
+    unknown = set(fields) - set(WEBHOOK_FIELDS)
+    if unknown:
+        raise ValueError(f"not webhook fields: {sorted(unknown)}")
+    return sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in fields
+    )
+
+
+def add_webhook(conn: psycopg.Connection, fields: dict[str, Any]) -> int:
+    """Insert a webhook; return its id. Constraint failures become :class:`UserError`."""
+    _assignments(fields)  # rejects unknown fields
+    query = sql.SQL("INSERT INTO webhooks.webhook ({}) VALUES ({}) RETURNING id").format(
+        sql.SQL(", ").join(sql.Identifier(k) for k in fields),
+        sql.SQL(", ").join(sql.Placeholder(k) for k in fields),
+    )
+    with friendly_errors():
+        row = conn.execute(query, fields).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def update_webhook(conn: psycopg.Connection, name: str, fields: dict[str, Any]) -> None:
+    """Change some fields of webhook ``name``."""
+    if not fields:
+        raise UserError("nothing to change: give at least one option to update")
+    query = sql.SQL("UPDATE webhooks.webhook SET {} WHERE name = {}").format(
+        _assignments(fields), sql.Placeholder("_name")
+    )
+    with friendly_errors():
+        cur = conn.execute(query, {**fields, "_name": name})
+    if cur.rowcount == 0:
+        raise UserError(f"no webhook named {name!r}")
+
+
+def delete_webhook(conn: psycopg.Connection, name: str) -> None:
+    with friendly_errors():
+        cur = conn.execute("DELETE FROM webhooks.webhook WHERE name = %s", (name,))
+    if cur.rowcount == 0:
+        raise UserError(f"no webhook named {name!r}")
+
+
+def list_webhooks(conn: psycopg.Connection, name: str | None = None) -> list[dict[str, Any]]:
+    """Webhooks from the ``webhook_list`` view (secret shown only as ``secret_set``)."""
+    with friendly_errors(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT * FROM webhooks.webhook_list WHERE %(name)s::text IS NULL OR name = %(name)s "
+            "ORDER BY name",
+            {"name": name},
+        )
+        return cur.fetchall()
+
+
+def get_webhook(conn: psycopg.Connection, name: str) -> dict[str, Any]:
+    rows = list_webhooks(conn, name)
+    if not rows:
+        raise UserError(f"no webhook named {name!r}")
+    return rows[0]
+
+
+def watch(conn: psycopg.Connection, table: str, object_type: str | None) -> str:
+    """Capture changes of ``table``; return its object type."""
+    with friendly_errors():
+        row = conn.execute(
+            "SELECT webhooks.watch(%s::regclass, %s)", (table, object_type)
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def unwatch(conn: psycopg.Connection, table: str) -> bool:
+    """Stop capturing changes of ``table``; False if it was not watched."""
+    with friendly_errors():
+        row = conn.execute("SELECT webhooks.unwatch(%s::regclass)", (table,)).fetchone()
+    return bool(row and row[0])
+
+
+def watched(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    with friendly_errors(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT table_name::text AS table_name, object_type, primary_key "
+            "FROM webhooks.watched ORDER BY 1"
+        )
+        return cur.fetchall()
+
+
+def changelog(
+    conn: psycopg.Connection, webhook: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """Newest change-log entries first, optionally for one webhook name."""
+    with friendly_errors(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """
+            SELECT id, changed_at, db_user, username, action, webhook_id, webhook_name,
+                   secret_changed, before, after
+              FROM webhooks.changelog
+             WHERE %(name)s::text IS NULL OR webhook_name = %(name)s
+             ORDER BY id DESC
+             LIMIT %(limit)s
+            """,
+            {"name": webhook, "limit": limit},
+        )
+        return cur.fetchall()
+
+
+def queue_test(conn: psycopg.Connection, name: str) -> str:
+    """``webhooks.send_test(name)``: queue a test delivery for the daemon; return its id."""
+    with friendly_errors():
+        row = conn.execute("SELECT webhooks.send_test(%s)::text", (name,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def can_read_secrets(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT has_column_privilege('webhooks.webhook', 'secret', 'SELECT')"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def delivery_state(conn: psycopg.Connection, delivery_id: str) -> dict[str, Any] | None:
+    """The latest state of a delivery and its last attempt (None if unknown)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """
+            SELECT d.state, d.status_code, d.error, d.attempts,
+                   (SELECT a.duration_ms FROM webhooks.delivery_attempt a
+                     WHERE a.delivery_id = d.id ORDER BY a.attempt DESC LIMIT 1) AS duration_ms
+              FROM webhooks.delivery d WHERE d.id = %s
+            """,
+            (delivery_id,),
+        )
+        return cur.fetchone()

@@ -1,0 +1,371 @@
+"""The SQL schema: both migration paths, capture triggers, constraints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from dispatcher import db
+from dispatcher.cli import main
+from dispatcher.pgcluster import find_bindir
+from tests.conftest import ROOT, Database
+
+BINDIR = find_bindir()
+
+
+def psql_apply(dsn: str) -> subprocess.CompletedProcess[str]:
+    """Apply every migration file the way a DBA would, with psql."""
+    assert BINDIR is not None
+    out = None
+    for f in sorted((ROOT / "sql").glob("*.sql")):
+        out = subprocess.run(
+            [str(BINDIR / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(f)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    assert out is not None
+    return out
+
+
+def schema_dump(dsn: str) -> str:
+    assert BINDIR is not None
+    out = subprocess.run(
+        [str(BINDIR / "pg_dump"), "--schema-only", "--schema=webhooks", "-d", dsn],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # \restrict/\unrestrict carry a random key per dump
+    return "\n".join(
+        line
+        for line in out.splitlines()
+        if not line.startswith(("--", "\\restrict", "\\unrestrict"))
+    )
+
+
+def test_cli_migrate_applies_then_reports_nothing_to_do(empty_database: Database) -> None:
+    runner = CliRunner()
+    first = runner.invoke(main, ["migrate", "--dsn", empty_database.dsn])
+    assert first.exit_code == 0, first.output
+    assert "applied 001_init" in first.output
+    second = runner.invoke(main, ["migrate", "--dsn", empty_database.dsn])
+    assert second.exit_code == 0, second.output
+    assert second.output.strip() == "nothing to do: schema is at version 001"
+
+
+def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Database) -> None:
+    from tests.conftest import create_database, drop_database
+
+    other = create_database(pg_server, None)
+    try:
+        psql_apply(empty_database.dsn)
+        again = psql_apply(empty_database.dsn)  # re-applying is a no-op
+        assert "already applied" in again.stderr
+        with other.connect() as c:
+            assert [m.version for m in db.migrate(c)] == ["001"]
+        assert schema_dump(empty_database.dsn) == schema_dump(other.dsn)
+        # The paths mix: after psql, migrate has nothing to do.
+        with empty_database.connect() as c:
+            assert db.migrate(c) == []
+            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (1,)
+    finally:
+        drop_database(other)
+
+
+def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with empty_database.connect() as c:
+                db.migrate(c)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    with empty_database.connect() as c:
+        assert c.execute("SELECT version FROM webhooks.schema_version").fetchall() == [("001",)]
+
+
+def test_wheel_ships_the_sql_and_migrates_from_another_folder(
+    empty_database: Database, tmp_path: Path
+) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("danbyte_webhooks-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+        assert "dispatcher/sql/001_init.sql" in z.namelist()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = (
+        "import dispatcher, sys; assert dispatcher.__file__.startswith(sys.argv[1]), "
+        "dispatcher.__file__; from dispatcher.cli import main; "
+        "main(['migrate', '--dsn', sys.argv[2]])"
+    )
+    for expected in ("applied 001_init", "nothing to do"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(site), empty_database.dsn],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        assert expected in out.stdout
+
+
+# ---------------------------------------------------------------------------
+# watch / unwatch
+# ---------------------------------------------------------------------------
+
+
+def outbox(conn: psycopg.Connection) -> list[dict]:
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        cur.execute(
+            "SELECT event, object_type, object_id, prechange, postchange, db_user, username, "
+            "request_id FROM webhooks.outbox ORDER BY id"
+        )
+        return cur.fetchall()
+
+
+def test_watch_is_idempotent_and_unwatch_removes(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, total numeric)")
+    assert db.watch(conn, "orders", None) == "public.orders"
+    triggers = conn.execute(
+        "SELECT oid FROM pg_trigger WHERE tgrelid = 'orders'::regclass ORDER BY oid"
+    ).fetchall()
+    assert len(triggers) == 4
+    db.watch(conn, "orders", None)  # no-op: same triggers
+    assert (
+        conn.execute(
+            "SELECT oid FROM pg_trigger WHERE tgrelid = 'orders'::regclass ORDER BY oid"
+        ).fetchall()
+        == triggers
+    )
+    assert db.watched(conn) == [
+        {"table_name": "orders", "object_type": "public.orders", "primary_key": ["id"]}
+    ]
+    db.watch(conn, "orders", "shop.order")  # a new object type replaces the old one
+    assert db.watched(conn)[0]["object_type"] == "shop.order"
+    assert db.unwatch(conn, "orders") is True
+    assert db.watched(conn) == []
+    assert db.unwatch(conn, "orders") is False
+    conn.execute("INSERT INTO orders VALUES (1, 2)")
+    assert outbox(conn) == []
+
+
+def test_watch_rejects_views_and_unknown_tables(conn: psycopg.Connection) -> None:
+    from dispatcher.errors import UserError
+
+    conn.execute("CREATE VIEW v AS SELECT 1 AS x")
+    with pytest.raises(UserError, match="v is not a table"):
+        db.watch(conn, "v", None)
+    with pytest.raises(UserError, match='relation "nope" does not exist'):
+        db.watch(conn, "nope", None)
+
+
+def test_outbox_rows_for_int_key(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, total numeric, note text)")
+    db.watch(conn, "orders", None)
+    conn.execute("INSERT INTO orders VALUES (1, 9.5, 'a')")
+    conn.execute("UPDATE orders SET total = 10 WHERE id = 1")
+    conn.execute("UPDATE orders SET total = 10 WHERE id = 1")  # changes nothing
+    conn.execute("DELETE FROM orders WHERE id = 1")
+    rows = outbox(conn)
+    new = {"id": 1, "total": 9.5, "note": "a"}
+    upd = {"id": 1, "total": 10, "note": "a"}
+    assert [
+        (r["event"], r["object_type"], r["object_id"], r["prechange"], r["postchange"])
+        for r in rows
+    ] == [
+        ("create", "public.orders", 1, None, new),
+        ("update", "public.orders", 1, new, upd),
+        ("delete", "public.orders", 1, upd, None),
+    ]
+    assert {r["db_user"] for r in rows} == {"postgres"}
+    assert {r["username"] for r in rows} == {None}
+
+
+def test_outbox_rows_for_uuid_composite_and_no_key(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE u (id uuid PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE c (a int, b text, v int, PRIMARY KEY (b, a))")
+    conn.execute("CREATE TABLE n (v text)")
+    for t in ("u", "c", "n"):
+        db.watch(conn, t, None)
+    conn.execute("INSERT INTO u VALUES ('0b8f6f8e-3f0e-4a55-9d4e-3a3c6f1e2d10', 'x')")
+    conn.execute("INSERT INTO c VALUES (1, 'k', 5)")
+    conn.execute("UPDATE c SET a = 2")  # the key itself changes
+    conn.execute("INSERT INTO n VALUES ('x')")
+    conn.execute("DELETE FROM n")
+    rows = [(r["event"], r["object_type"], r["object_id"]) for r in outbox(conn)]
+    assert rows == [
+        ("create", "public.u", "0b8f6f8e-3f0e-4a55-9d4e-3a3c6f1e2d10"),
+        ("create", "public.c", {"b": "k", "a": 1}),
+        ("update", "public.c", {"b": "k", "a": 2}),
+        ("create", "public.n", None),
+        ("delete", "public.n", None),
+    ]
+
+
+def test_rolled_back_changes_are_not_captured(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    db.watch(conn, "t", None)
+    with pytest.raises(ZeroDivisionError), conn.transaction():
+        conn.execute("INSERT INTO t VALUES (1)")
+        raise ZeroDivisionError
+    assert outbox(conn) == []
+    with conn.transaction():
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert len(outbox(conn)) == 1
+
+
+def test_multi_row_statements_and_awkward_column_types(conn: psycopg.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE odd (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            j json, p point, x xml, b bytea, f float8, arr int[],
+            doubled int GENERATED ALWAYS AS (length(coalesce(j::text, '')) * 2) STORED
+        )
+        """
+    )
+    db.watch(conn, "odd", "odd")
+    conn.execute(
+        "INSERT INTO odd (j, p, x, b, f, arr) SELECT '{\"a\":1}', point(1,2), '<a/>', "
+        "'\\x00ff', 'NaN', ARRAY[g] FROM generate_series(1, 100) g"
+    )
+    conn.execute("UPDATE odd SET p = point(3, 4) WHERE id <= 10")
+    conn.execute("UPDATE odd SET j = j WHERE id <= 10")  # json has no '=': no-op still detected
+    rows = outbox(conn)
+    assert [r["event"] for r in rows] == ["create"] * 100 + ["update"] * 10
+    first = rows[0]["postchange"]
+    assert first["j"] == {"a": 1} and first["p"] == "(1,2)" and first["doubled"] == 14
+    assert first["f"] == "NaN" and first["b"] == "\\x00ff"
+
+
+def test_partitioned_table(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE ev (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)"
+    )
+    conn.execute("CREATE TABLE ev_eu PARTITION OF ev FOR VALUES IN ('eu')")
+    conn.execute("CREATE TABLE ev_us PARTITION OF ev FOR VALUES IN ('us')")
+    db.watch(conn, "ev", None)
+    conn.execute("INSERT INTO ev VALUES (1, 'eu'), (2, 'us')")
+    conn.execute("UPDATE ev SET id = 3 WHERE id = 2")
+    conn.execute("DELETE FROM ev WHERE id = 1")
+    assert [(r["event"], r["object_id"]) for r in outbox(conn)] == [
+        ("create", {"id": 1, "region": "eu"}),
+        ("create", {"id": 2, "region": "us"}),
+        ("update", {"id": 3, "region": "us"}),
+        ("delete", {"id": 1, "region": "eu"}),
+    ]
+
+
+def test_application_role_needs_no_webhooks_privileges(database: Database, make_role) -> None:
+    app = make_role("app")
+    with database.connect() as c:
+        c.execute(
+            f"CREATE TABLE orders (id serial PRIMARY KEY, v text); "
+            f"GRANT INSERT, UPDATE, DELETE, SELECT ON orders TO {app}; "
+            f"GRANT USAGE ON SEQUENCE orders_id_seq TO {app}"
+        )
+        db.watch(c, "orders", None)
+    with database.connect(user=app) as c:
+        assert c.execute("SELECT has_schema_privilege('webhooks', 'USAGE')").fetchone() == (False,)
+        with c.transaction():
+            c.execute("SET LOCAL danbyte.username = 'alice'")
+            c.execute("SET LOCAL danbyte.request_id = 'req-1'")
+            c.execute("INSERT INTO orders (v) VALUES ('a')")
+        c.execute("UPDATE orders SET v = 'b'")
+        c.execute("DELETE FROM orders")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT * FROM webhooks.outbox")
+    with database.connect() as c:
+        rows = outbox(c)
+    assert [(r["event"], r["db_user"], r["username"], r["request_id"]) for r in rows] == [
+        ("create", app, "alice", "req-1"),
+        ("update", app, None, None),
+        ("delete", app, None, None),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Constraints
+# ---------------------------------------------------------------------------
+
+BAD = [
+    (
+        {"triggers": ["create", "explode"]},
+        'unknown trigger "explode": use create, update or delete',
+    ),
+    ({"triggers": []}, "triggers must name at least one of create, update, delete"),
+    ({"method": "GET"}, 'unknown method "GET": use POST, PUT or PATCH'),
+    ({"object_types": []}, "object_types is empty"),
+    ({"payload_url": "ftp://example.com/x"}, "payload_url must be an absolute http:// or https://"),
+    ({"payload_url": "https://"}, "payload_url must be an absolute"),
+    ({"payload_url": "https://exa mple.com/"}, "payload_url must be an absolute"),
+    ({"payload_url": "https://user:pw@example.com/"}, "without spaces or credentials"),
+    ({"additional_headers": "NoColonHere"}, 'additional_headers line 1 is not "Name: value"'),
+    ({"additional_headers": "A: 1\nBad Name: 2"}, 'line 2: header name "Bad Name" is not a valid'),
+    ({"additional_headers": "X-Token: a\rb"}, 'the value of header "X-Token" contains a control'),
+    ({"additional_headers": "X-Danbyte-Event: create"}, '"X-Danbyte-Event" is set by Danbyte'),
+    ({"additional_headers": "Content-Length: 5"}, '"Content-Length" is set by Danbyte'),
+    ({"additional_headers": "host: x"}, '"host" is set by Danbyte'),
+    ({"additional_headers": "Transfer-Encoding: chunked"}, "is set by Danbyte"),
+    ({"content_type": "json"}, "content_type must be a media type"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD, ids=[m for _, m in BAD])
+def test_constraints_reject_bad_definitions(conn: psycopg.Connection, change, message) -> None:
+    fields = {"name": "w", "payload_url": "https://example.com/hook", **change}
+    cols = ", ".join(fields)
+    marks = ", ".join(["%s"] * len(fields))
+    with pytest.raises(psycopg.errors.CheckViolation) as err:
+        conn.execute(
+            f"INSERT INTO webhooks.webhook ({cols}) VALUES ({marks})", list(fields.values())
+        )
+    assert message in err.value.diag.message_primary
+    # header values may carry tokens: never echoed
+    assert "a\rb" not in str(err.value)
+
+
+def test_good_definitions_are_accepted(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "INSERT INTO webhooks.webhook (name, payload_url, additional_headers, object_types, "
+        "triggers, method, content_type) VALUES ('ok', 'http://[::1]:8080/a?b=c#d', "
+        "E'Authorization: Bearer x\\nX-Custom_1: v\\tw\\n', '{public.orders}', '{delete}', "
+        "'PATCH', 'application/json; charset=utf-8')"
+    )
+    row = conn.execute("SELECT secret_set, triggers FROM webhooks.webhook_list").fetchone()
+    assert row == (False, ["delete"])
+
+
+def test_json_payload_types(conn: psycopg.Connection) -> None:
+    # outbox keeps json (column order preserved)
+    conn.execute("CREATE TABLE t (z int PRIMARY KEY, a text)")
+    db.watch(conn, "t", None)
+    conn.execute("INSERT INTO t VALUES (1, 'x')")
+    raw = conn.execute("SELECT postchange::text FROM webhooks.outbox").fetchone()
+    assert raw is not None and list(json.loads(raw[0])) == ["z", "a"]
