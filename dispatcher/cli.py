@@ -212,7 +212,7 @@ def _env(name: str) -> dict[str, Any]:
     default=60.0,
     **_env("LEASE_TIME"),
     help="Seconds a claimed delivery stays ours before another dispatcher may take it "
-    "(at least the request timeout + 30 s).",
+    "(at least the request timeout + 5 s).",
 )
 @click.option(
     "--default-timeout",

@@ -285,7 +285,7 @@ WITH locked AS (
 ), claimed AS (
     UPDATE webhooks.delivery d
        SET state = 'sending', claimed_by = %(me)s,
-           lease_until = now() + greatest(%(lease)s, coalesce(w.timeout_seconds, %(timeout)s) + 30)
+           lease_until = now() + greatest(%(lease)s, coalesce(w.timeout_seconds, %(timeout)s) + 5)
                                  * interval '1 second'
       FROM chosen, webhooks.webhook w
      WHERE d.id = chosen.id AND w.id = d.webhook_id AND (w.enabled OR d.is_test)
@@ -339,7 +339,7 @@ def claim(
 
     No webhook gets more than ``per_webhook`` deliveries in flight, counting
     the ``in_flight`` ones this dispatcher already sends. The lease lasts
-    ``lease`` seconds (at least the request timeout plus 30 s).
+    ``lease`` seconds (at least the request timeout plus 5 s).
     """
     full = [w for w, n in in_flight.items() if n >= per_webhook]
     busy = [(w, per_webhook - n) for w, n in in_flight.items() if 0 < n < per_webhook]

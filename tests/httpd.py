@@ -53,6 +53,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
+        if len(body) < length:  # the client went away mid-request
+            self.close_connection = True
+            return
         req = Request(self.command, self.path, dict(self.headers.items()), body)
         srv = self.server
         with srv.lock:
