@@ -34,10 +34,9 @@ class Cli(click.Group):
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
         except psycopg.OperationalError as exc:
-            text = str(exc).strip().splitlines()
-            raise click.ClickException(
-                f"database connection failed: {text[-1] if text else type(exc).__name__}"
-            ) from None
+            raise click.ClickException(f"database connection failed: {db.one_line(exc)}") from None
+        except psycopg.Error as exc:
+            raise click.ClickException(f"database error: {db.one_line(exc)}") from None
 
 
 def dsn_option(f: F) -> F:

@@ -97,7 +97,9 @@ class Listener(threading.Thread):
                 if self._stop.is_set():
                     break
                 log.warning(
-                    "listener connection lost (%s); reconnecting in %.1fs", _one_line(exc), backoff
+                    "listener connection lost (%s); reconnecting in %.1fs",
+                    db.one_line(exc),
+                    backoff,
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -108,11 +110,6 @@ class Listener(threading.Thread):
                         conn.close()
                     except psycopg.Error:
                         pass
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Dispatcher:
@@ -406,7 +403,9 @@ class Dispatcher:
                 backoff = 0.1
             except (psycopg.OperationalError, UserError) as exc:
                 log.warning(
-                    "database connection lost (%s); reconnecting in %.1fs", _one_line(exc), backoff
+                    "database connection lost (%s); reconnecting in %.1fs",
+                    db.one_line(exc),
+                    backoff,
                 )
                 self._drop_connection()
                 self._wait(backoff)
@@ -454,7 +453,7 @@ class Dispatcher:
                 "could not record %d results (%s): those deliveries will be retried "
                 "after their lease expires",
                 len(self.pending),
-                _one_line(exc),
+                db.one_line(exc),
             )
         unfinished = [f for f in self.futures if not f.done()]
         if unfinished:

@@ -32,6 +32,12 @@ MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 # --------------------------------------------------------------------------
 
 
+def one_line(exc: BaseException) -> str:
+    """A database error's text on one line (libpq spreads its reasons over several)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
 def connect(dsn: str, *, application_name: str = "danbyte-webhooks") -> psycopg.Connection:
     """An autocommit connection with UTC timestamps and TCP keepalives.
 
@@ -50,8 +56,7 @@ def connect(dsn: str, *, application_name: str = "danbyte-webhooks") -> psycopg.
             connect_timeout=10,
         )
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        raise UserError(f"cannot connect to the database: {reason}") from None
+        raise UserError(f"cannot connect to the database: {one_line(exc)}") from None
 
 
 # --------------------------------------------------------------------------
@@ -124,7 +129,9 @@ def schema_version(conn: psycopg.Connection) -> str | None:
 
 def require_schema(conn: psycopg.Connection) -> None:
     """Raise :class:`UserError` if the migrations have not been applied."""
-    if not applied_versions(conn):
+    with friendly_errors():
+        versions = applied_versions(conn)
+    if not versions:
         raise UserError(
             "the webhooks schema is not installed in this database: run `danbyte-webhooks migrate`"
         )
@@ -549,7 +556,7 @@ class friendly_errors:
         if isinstance(exc, psycopg.OperationalError):
             return False
         diag = exc.diag
-        message = diag.message_primary or _first_line(exc)
+        message = diag.message_primary or one_line(exc)
         if diag.constraint_name in _CONSTRAINT_MESSAGES:
             message = _CONSTRAINT_MESSAGES[diag.constraint_name]
         elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
@@ -560,11 +567,6 @@ class friendly_errors:
                 else message
             )
         raise UserError(message) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _assignments(fields: dict[str, Any]) -> sql.Composed:

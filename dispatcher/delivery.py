@@ -26,6 +26,10 @@ from requests.adapters import HTTPAdapter
 
 from dispatcher import __version__
 
+# verify_tls=false is a per-webhook choice the user made on purpose: do not
+# warn on every request it applies to.
+urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+
 USER_AGENT = f"Danbyte-Webhooks/{__version__}"
 SIGNATURE_PREFIX = "sha512="
 #: At most this many bytes of a response body are read and kept.
