@@ -15,7 +15,7 @@ import click
 import psycopg
 
 from dispatcher import __version__, db
-from dispatcher.config import Settings
+from dispatcher.config import Settings, parse_duration
 from dispatcher.delivery import Sender
 from dispatcher.errors import UserError
 from dispatcher.retry import decide
@@ -82,6 +82,26 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -
     )
     for r in cells:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+class Duration(click.ParamType):
+    """A duration like 90s, 30m, 2h, 7d or 1w (a bare number is seconds)."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+STATUS_CHOICE = click.Choice(sorted(db.DELIVERY_STATES))
 
 
 @click.group(cls=Cli, context_settings=CONTEXT)
@@ -241,6 +261,14 @@ def _env(name: str) -> dict[str, Any]:
     **_env("RETRY_BASE"),
     help="First retry delay in seconds (doubles per attempt, with jitter) for webhooks "
     "with max_attempts > 1.",
+)
+@click.option(
+    "--retention",
+    type=DURATION,
+    default="7d",
+    **_env("RETENTION"),
+    help="Remove finished deliveries and delivered changes older than this (checked every "
+    "minute, in small batches); 0 keeps everything.",
 )
 @click.option(
     "--proxy",
@@ -676,3 +704,257 @@ def changelog_cmd(dsn: str, as_json: bool, webhook_name: str | None, limit: int)
             ("changes", "changed"),
         ],
     )
+
+
+# ---------------------------------------------------------------------------
+# Operating
+# ---------------------------------------------------------------------------
+
+
+def _age(value: Any) -> str:
+    if value is None:
+        return "-"
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_deliveries(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        r["created_at"] = _age(r["created_at"])
+        r["object"] = f"{r['object_type'] or '-'}:{json.dumps(r['object_id'])}"
+        r["result"] = r["error"] or (f"HTTP {r['status_code']}" if r["status_code"] else "")
+        if r["state"] == "pending" and r["attempts"]:
+            r["result"] = f"retry at {_age(r['due_at'])}; last: {r['result']}"
+    _table(
+        rows,
+        [
+            ("id", "delivery"),
+            ("created_at", "created"),
+            ("webhook_name", "webhook"),
+            ("event", "event"),
+            ("object", "object"),
+            ("state", "state"),
+            ("attempts", "attempts"),
+            ("result", "result"),
+        ],
+    )
+
+
+@main.group(cls=Cli, invoke_without_command=True)
+@click.option("--dsn", envvar="DANBYTE_DSN", show_envvar=True, help="Database connection string.")
+@click.option("--webhook", "webhook_name", help="Only deliveries of this webhook.")
+@click.option("--status", type=STATUS_CHOICE, help="Only deliveries in this state.")
+@click.option("--since", type=DURATION, help="Only deliveries created within this long, e.g. 1h.")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50)
+@json_option
+@click.pass_context
+def deliveries(
+    ctx: click.Context,
+    dsn: str | None,
+    webhook_name: str | None,
+    status: str | None,
+    since: float | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List deliveries, newest first; `deliveries redeliver` sends some again.
+
+    \b
+    Examples:
+      danbyte-webhooks deliveries --status failed --since 1h
+      danbyte-webhooks deliveries redeliver --webhook orders --status failed --since 2h
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not dsn:
+        raise UserError("--dsn is required (or set DANBYTE_DSN)")
+    with _connect(dsn) as conn:
+        db.require_schema(conn)
+        rows = db.deliveries(conn, webhook=webhook_name, status=status, since=since, limit=limit)
+    if as_json:
+        _print_json(rows)
+    else:
+        _print_deliveries(rows)
+
+
+@deliveries.command("redeliver")
+@dsn_option
+@click.option("--webhook", "webhook_name", help="Only this webhook [default: every enabled one].")
+@click.option("--status", type=click.Choice(["failed", "succeeded", "cancelled"]), default="failed")
+@click.option(
+    "--since",
+    type=DURATION,
+    default="1d",
+    help="Deliveries that finished within this long, e.g. 2h.",
+)
+def deliveries_redeliver(dsn: str, webhook_name: str | None, status: str, since: float) -> None:
+    """Send finished deliveries again, each with its own delivery id.
+
+    Example: danbyte-webhooks deliveries redeliver --webhook orders --status failed --since 2h
+    """
+    with _connect(dsn) as conn:
+        db.require_schema(conn)
+        n = db.redeliver_many(conn, webhook_name, status, since)
+    click.echo(f"queued {n} deliveries again")
+
+
+@main.group(cls=Cli)
+def delivery() -> None:
+    """Inspect or resend one delivery."""
+
+
+@delivery.command("show")
+@dsn_option
+@json_option
+@click.argument("delivery_id")
+def delivery_show(dsn: str, delivery_id: str, as_json: bool) -> None:
+    """Show a delivery with each attempt's request and response.
+
+    Example: danbyte-webhooks delivery show 0f9c...-...
+    """
+    with _connect(dsn) as conn:
+        db.require_schema(conn)
+        d = db.delivery_detail(conn, delivery_id)
+    if as_json:
+        _print_json(d)
+        return
+    click.echo(f"delivery   {d['id']}")
+    click.echo(f"webhook    {d['webhook_name']}{' (test)' if d['is_test'] else ''}")
+    click.echo(f"event      {d['event']} {d['object_type'] or ''}:{json.dumps(d['object_id'])}")
+    click.echo(f"state      {d['state']} after {d['attempts']} of {d['max_attempts']} attempts")
+    click.echo(f"created    {_age(d['created_at'])}   finished {_age(d['finished_at'])}")
+    for a in d["attempt_log"]:
+        click.echo("")
+        click.echo(
+            f"attempt {a['attempt']} at {_age(a['attempted_at'])}: {a['outcome']} "
+            f"in {a['duration_ms']:.1f} ms (by {a['dispatcher']})"
+        )
+        click.echo(f"  > {a['request_method']} {a['request_url']}")
+        for k, v in a["request_headers"].items():
+            click.echo(f"  > {k}: {v}")
+        if a["status_code"] is not None:
+            click.echo(f"  < HTTP {a['status_code']}")
+            for k, v in (a["response_headers"] or {}).items():
+                click.echo(f"  < {k}: {v}")
+            if a["response_body"]:
+                click.echo(f"  < {a['response_body'][:1000]}")
+        if a["error"]:
+            click.echo(f"  ! {a['error']}")
+
+
+@delivery.command("redeliver")
+@dsn_option
+@click.argument("delivery_id")
+def delivery_redeliver(dsn: str, delivery_id: str) -> None:
+    """Send a finished delivery again with the same delivery id.
+
+    Example: danbyte-webhooks delivery redeliver 0f9c...-...
+    """
+    with _connect(dsn) as conn:
+        db.require_schema(conn)
+        queued = db.redeliver(conn, delivery_id)
+    click.echo(
+        f"queued delivery {delivery_id} again"
+        if queued
+        else f"delivery {delivery_id} is already waiting to be sent"
+    )
+
+
+@main.command()
+@dsn_option
+@click.option(
+    "--older-than",
+    type=DURATION,
+    default="7d",
+    help="Remove finished deliveries and delivered changes older than this.",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+def cleanup(dsn: str, older_than: float, dry_run: bool) -> None:
+    """Remove old delivery-log rows and delivered changes, in small batches.
+
+    Failed deliveries younger than --older-than stay (and stay redeliverable).
+    The daemon does this on its own every few minutes with --retention.
+    Example: danbyte-webhooks cleanup --older-than 3d --dry-run
+    """
+    with _connect(dsn) as conn:
+        db.require_schema(conn)
+        r = db.cleanup(conn, older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {r.deliveries} deliveries, {r.attempts} attempts and {r.changes} changes")
+
+
+@main.command()
+@dsn_option
+@json_option
+@click.option(
+    "--max-backlog-age",
+    type=DURATION,
+    default="5m",
+    help="Unhealthy when an undelivered change is older than this.",
+)
+def status(dsn: str, as_json: bool, max_backlog_age: float) -> None:
+    """Health at a glance; exits 1 when unhealthy (usable as a health check).
+
+    Unhealthy: database unreachable, schema missing or behind, no dispatcher
+    heartbeat within a minute, or a backlog older than --max-backlog-age.
+    Example: danbyte-webhooks status --max-backlog-age 2m
+    """
+    problems: list[str] = []
+    try:
+        conn = _connect(dsn)
+    except UserError as exc:
+        if as_json:
+            _print_json({"healthy": False, "problems": [str(exc)]})
+        else:
+            click.echo(f"unhealthy: {exc}")
+        sys.exit(1)
+    with conn:
+        db.require_schema(conn)
+        s = db.status(conn)
+    latest = db.migrations()[-1].version
+    if s["schema_version"] != latest:
+        problems.append(
+            f"schema is at version {s['schema_version']}, this release needs "
+            f"{latest}: run `danbyte-webhooks migrate`"
+        )
+    if not s["dispatchers_alive"]:
+        problems.append(
+            "no dispatcher has reported in the last minute: is `danbyte-webhooks run` running?"
+        )
+    age = s["oldest_undelivered_age_seconds"]
+    if age is not None and age > max_backlog_age:
+        problems.append(
+            f"the oldest undelivered change waits for {age:.0f}s (more than {max_backlog_age:g}s)"
+        )
+    s["healthy"] = not problems
+    s["problems"] = problems
+    if as_json:
+        _print_json(s)
+    else:
+        click.echo(f"database     reachable, schema version {s['schema_version']}")
+        click.echo(
+            f"dispatchers  {s['dispatchers_alive']} alive "
+            f"(last heartbeat {_age(s['last_dispatcher_seen_at'])})"
+        )
+        click.echo(
+            f"backlog      {s['outbox_backlog']} changes to fan out, "
+            f"{s['deliveries_due']} deliveries due, {s['deliveries_in_flight']} in flight, "
+            f"{s['retries_scheduled']} retries scheduled"
+        )
+        click.echo("oldest       " + ("-" if age is None else f"{age:.1f}s waiting"))
+        if s["webhooks"]:
+            click.echo("")
+            _table(
+                s["webhooks"],
+                [
+                    ("name", "webhook"),
+                    ("enabled", "enabled"),
+                    ("succeeded_last_hour", "ok 1h"),
+                    ("failed_last_hour", "failed 1h"),
+                    ("pending", "pending"),
+                    ("last_error", "last error"),
+                ],
+            )
+        click.echo("")
+        click.echo("healthy" if not problems else "unhealthy: " + "; ".join(problems))
+    if problems:
+        sys.exit(1)

@@ -19,6 +19,21 @@ def redact_dsn(dsn: str) -> str:
     return make_conninfo("", **params)
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"90s"``, ``"30m"``, ``"2h"``, ``"7d"`` or ``"1w"``.
+
+    Raises ValueError with a sentence saying what is accepted.
+    """
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration: use a number with s, m, h, d or w, like 7d")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
 def redact_url(url: str) -> str:
     """``url`` without the credentials of its userinfo part."""
     return re.sub(r"//[^/@]*@", "//***@", url)
@@ -39,7 +54,7 @@ class Settings:
     batch_size: int = 200
     retry_base: float = 5.0
     proxy: str | None = None
-    retention_days: float = 7.0
+    retention: float = 7 * 86400.0
     log_level: str = "INFO"
     log_format: str = "text"
 

@@ -137,6 +137,7 @@ class Dispatcher:
         self.freed = False
         self.last_check = 0.0
         self.next_maintenance = 0.0
+        self.next_cleanup = 0.0
         self.probe_sent_at: float | None = None
         self.first_result_at: float | None = None
         self.pending: list[Outcome] = []
@@ -306,6 +307,18 @@ class Dispatcher:
             if self.probe_sent_at is None or self.listener.last_heard >= self.probe_sent_at:
                 self.probe_sent_at = now
             db.notify_probe(conn, f"probe:{self.ident}")
+        if s.retention > 0 and now >= self.next_cleanup:
+            # A few small batches per round keep each pause short; a large
+            # backlog of old rows is worked off over the next rounds.
+            r = db.cleanup(conn, s.retention, batch_size=1000, max_batches=5)
+            if r.deliveries or r.changes:
+                log.info(
+                    "retention: removed %d deliveries, %d attempts, %d changes",
+                    r.deliveries,
+                    r.attempts,
+                    r.changes,
+                )
+            self.next_cleanup = now + (0.0 if not r.finished else min(60.0, max(1.0, s.retention)))
         self.recheck = True  # the poll backstop
         self.next_maintenance = now + s.poll_interval
 

@@ -702,3 +702,198 @@ def delivery_state(conn: psycopg.Connection, delivery_id: str) -> dict[str, Any]
             (delivery_id,),
         )
         return cur.fetchone()
+
+
+# --------------------------------------------------------------------------
+# Operating: delivery log, redelivery, retention, status
+# --------------------------------------------------------------------------
+
+DELIVERY_STATES = {
+    "failed": ("failed",),
+    "succeeded": ("succeeded",),
+    "pending": ("pending", "sending"),
+    "cancelled": ("cancelled",),
+}
+
+
+def deliveries(
+    conn: psycopg.Connection,
+    *,
+    webhook: str | None = None,
+    status: str | None = None,
+    since: float | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Deliveries, newest first, filtered by webhook name, status and age (seconds)."""
+    with friendly_errors(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """
+            SELECT d.id::text AS id, d.created_at, d.webhook_name, d.event, d.object_type,
+                   d.object_id, d.is_test, d.state, d.attempts, d.status_code, d.error,
+                   d.finished_at, d.due_at
+              FROM webhooks.delivery d
+             WHERE (%(webhook)s::text IS NULL OR d.webhook_name = %(webhook)s)
+               AND (%(states)s::text[] IS NULL OR d.state = ANY (%(states)s::text[]))
+               AND (%(since)s::float8 IS NULL
+                    OR d.created_at >= now() - %(since)s::float8 * interval '1 second')
+             ORDER BY d.created_at DESC, d.seq DESC
+             LIMIT %(limit)s
+            """,
+            {
+                "webhook": webhook,
+                "states": list(DELIVERY_STATES[status]) if status else None,
+                "since": since,
+                "limit": limit,
+            },
+        )
+        return cur.fetchall()
+
+
+def delivery_detail(conn: psycopg.Connection, delivery_id: str) -> dict[str, Any]:
+    """A delivery with every attempt (request, response, error)."""
+    with friendly_errors(), conn.cursor(row_factory=dict_row) as cur:
+        try:
+            cur.execute(
+                "SELECT d.id::text AS id, d.webhook_id, d.webhook_name, d.event, d.object_type, "
+                "d.object_id, d.is_test, d.state, d.attempts, d.max_attempts, d.due_at, "
+                "d.created_at, d.finished_at, d.status_code, d.error "
+                "FROM webhooks.delivery d WHERE d.id = %s::uuid",
+                (delivery_id,),
+            )
+        except psycopg.errors.InvalidTextRepresentation:
+            raise UserError(f"{delivery_id!r} is not a delivery id (a UUID)") from None
+        row = cur.fetchone()
+        if row is None:
+            raise UserError(f"no delivery with id {delivery_id}")
+        cur.execute(
+            "SELECT attempt, attempted_at, outcome, dispatcher, request_method, request_url, "
+            "request_headers, status_code, response_headers, response_body, error, duration_ms "
+            "FROM webhooks.delivery_attempt WHERE delivery_id = %s ORDER BY attempt, id",
+            (delivery_id,),
+        )
+        row["attempt_log"] = cur.fetchall()
+    return row
+
+
+def redeliver(conn: psycopg.Connection, delivery_id: str) -> bool:
+    """Queue a finished delivery again (same id); False if it is pending already."""
+    with friendly_errors():
+        try:
+            row = conn.execute("SELECT webhooks.redeliver(%s::uuid)", (delivery_id,)).fetchone()
+        except psycopg.errors.InvalidTextRepresentation:
+            raise UserError(f"{delivery_id!r} is not a delivery id (a UUID)") from None
+    return bool(row and row[0])
+
+
+def redeliver_many(conn: psycopg.Connection, webhook: str | None, status: str, since: float) -> int:
+    """Queue again the deliveries in ``status`` that finished within ``since`` seconds."""
+    with friendly_errors():
+        row = conn.execute(
+            "SELECT webhooks.redeliver(%s::text, %s::text, %s::float8 * interval '1 second')",
+            (webhook, status, since),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+CLEANUP_DELIVERIES = """
+WITH gone AS (
+    DELETE FROM webhooks.delivery
+     WHERE id IN (SELECT id FROM webhooks.delivery
+                   WHERE finished_at < now() - %(age)s * interval '1 second'
+                     AND state IN ('succeeded', 'failed', 'cancelled')
+                   LIMIT %(batch)s)
+    RETURNING id
+), attempts AS (
+    DELETE FROM webhooks.delivery_attempt a USING gone WHERE a.delivery_id = gone.id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM attempts)
+"""
+
+CLEANUP_OUTBOX = """
+WITH gone AS (
+    DELETE FROM webhooks.outbox
+     WHERE id IN (SELECT o.id FROM webhooks.outbox o
+                   WHERE o.dispatched_at < now() - %(age)s * interval '1 second'
+                     AND NOT EXISTS (SELECT FROM webhooks.delivery d WHERE d.outbox_id = o.id)
+                   LIMIT %(batch)s)
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+CLEANUP_COUNT = """
+SELECT
+  (SELECT count(*) FROM webhooks.delivery
+    WHERE finished_at < now() - %(age)s * interval '1 second'
+      AND state IN ('succeeded', 'failed', 'cancelled')),
+  (SELECT count(*) FROM webhooks.delivery_attempt a JOIN webhooks.delivery d
+       ON d.id = a.delivery_id
+    WHERE d.finished_at < now() - %(age)s * interval '1 second'
+      AND d.state IN ('succeeded', 'failed', 'cancelled')),
+  (SELECT count(*) FROM webhooks.outbox o
+    WHERE o.dispatched_at < now() - %(age)s * interval '1 second'
+      AND NOT EXISTS (SELECT FROM webhooks.delivery d
+                       WHERE d.outbox_id = o.id
+                         AND NOT (d.finished_at < now() - %(age)s * interval '1 second'
+                                  AND d.state IN ('succeeded', 'failed', 'cancelled'))))
+"""
+
+
+@dataclass
+class CleanupResult:
+    deliveries: int = 0
+    attempts: int = 0
+    changes: int = 0
+    finished: bool = True
+
+
+def cleanup(
+    conn: psycopg.Connection,
+    older_than: float,
+    *,
+    dry_run: bool = False,
+    batch_size: int = 1000,
+    max_batches: int | None = None,
+) -> CleanupResult:
+    """Delete finished deliveries (with their attempts) and dispatched changes
+    older than ``older_than`` seconds, in short transactions of ``batch_size``.
+
+    Changes whose deliveries are still kept stay too, so failed deliveries
+    within retention remain redeliverable. ``finished`` is False when
+    ``max_batches`` ran out before everything old was gone.
+    """
+    params = {"age": older_than, "batch": batch_size}
+    result = CleanupResult()
+    if dry_run:
+        row = conn.execute(CLEANUP_COUNT, params).fetchone()
+        assert row is not None
+        result.deliveries, result.attempts, result.changes = (int(x) for x in row)
+        return result
+    batches = 0
+    for query in (CLEANUP_DELIVERIES, CLEANUP_OUTBOX):
+        while True:
+            if max_batches is not None and batches >= max_batches:
+                result.finished = False
+                return result
+            batches += 1
+            row = conn.execute(query, params).fetchone()
+            assert row is not None
+            if query is CLEANUP_DELIVERIES:
+                result.deliveries += int(row[0])
+                result.attempts += int(row[1])
+            else:
+                result.changes += int(row[0])
+            if int(row[0]) < batch_size:
+                break
+    return result
+
+
+def status(conn: psycopg.Connection) -> dict[str, Any]:
+    """The ``webhooks.status`` row plus per-webhook ``webhooks.webhook_stats``."""
+    with friendly_errors(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT * FROM webhooks.status")
+        row = cur.fetchone() or {}
+        cur.execute("SELECT * FROM webhooks.webhook_stats ORDER BY name")
+        row["webhooks"] = cur.fetchall()
+    return row
