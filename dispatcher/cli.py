@@ -317,10 +317,19 @@ def webhook() -> None:
     """Add, change, list, test and delete webhooks."""
 
 
-def _read_secret(secret_stdin: bool, secret_prompt: bool, generate_secret: bool) -> str | None:
-    chosen = [secret_stdin, secret_prompt, generate_secret].count(True)
+def _read_secret(
+    secret_stdin: bool, secret_prompt: bool, generate_secret: bool, secret_env: str | None
+) -> str | None:
+    chosen = [secret_stdin, secret_prompt, generate_secret, bool(secret_env)].count(True)
     if chosen > 1:
-        raise UserError("use only one of --secret-stdin, --secret-prompt and --generate-secret")
+        raise UserError(
+            "use only one of --secret-stdin, --secret-prompt, --secret-env and --generate-secret"
+        )
+    if secret_env:
+        value = os.environ.get(secret_env, "")
+        if not value:
+            raise UserError(f"--secret-env: environment variable {secret_env} is not set or empty")
+        return value
     if secret_stdin:
         value = sys.stdin.read().rstrip("\r\n")
         if not value:
@@ -383,6 +392,11 @@ def webhook_options(add: bool) -> Callable[[F], F]:
                 "--secret-prompt", is_flag=True, help="Prompt for the signing secret without echo."
             ),
             click.option(
+                "--secret-env",
+                metavar="NAME",
+                help="Read the signing secret from environment variable NAME.",
+            ),
+            click.option(
                 "--generate-secret",
                 is_flag=True,
                 help="Generate a random secret and print it this once.",
@@ -413,6 +427,13 @@ def webhook_options(add: bool) -> Callable[[F], F]:
         ]
         if add:
             opts.append(click.option("--disabled", is_flag=True, help="Create it disabled."))
+            opts.append(
+                click.option(
+                    "--if-not-exists",
+                    is_flag=True,
+                    help="Succeed without changes if a webhook with this name exists.",
+                )
+            )
             opts.append(click.option("--name", required=True, help="Unique name."))
         else:
             opts.append(click.option("--new-name", help="Rename the webhook."))
@@ -459,7 +480,9 @@ def _fields(o: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
             fields[key] = o[key]
     if o["timeout"] is not None:
         fields["timeout_seconds"] = o["timeout"]
-    secret = _read_secret(o["secret_stdin"], o["secret_prompt"], o["generate_secret"])
+    secret = _read_secret(
+        o["secret_stdin"], o["secret_prompt"], o["generate_secret"], o["secret_env"]
+    )
     if o.get("clear_secret"):
         if secret is not None:
             raise UserError("use either --clear-secret or a way to set the secret, not both")
@@ -489,6 +512,9 @@ def webhook_add(dsn: str, **o: Any) -> None:
         fields["enabled"] = False
     with _connect(dsn) as conn:
         db.require_schema(conn)
+        if o["if_not_exists"] and db.list_webhooks(conn, o["name"]):
+            click.echo(f"webhook {o['name']} exists already: left unchanged")
+            return
         db.add_webhook(conn, fields)
     click.echo(f"created webhook {o['name']}")
     if generated:
@@ -958,3 +984,86 @@ def status(dsn: str, as_json: bool, max_backlog_age: float) -> None:
         click.echo("healthy" if not problems else "unhealthy: " + "; ".join(problems))
     if problems:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------
+# Trying it out
+# ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--dsn",
+    envvar="DANBYTE_DSN",
+    show_envvar=True,
+    help="Use this existing database instead of a throwaway one (the demo works in "
+    "its own schema and removes what it created).",
+)
+@click.option("--keep", is_flag=True, help="Keep running after the demo; Ctrl-C cleans up.")
+def demo(dsn: str | None, keep: bool) -> None:
+    """See the whole product work in a minute.
+
+    Starts a throwaway PostgreSQL (or uses --dsn), applies the migration,
+    watches a demo table, starts a debug receiver and a dispatcher, makes a
+    create, an update and a delete, and prints each signed delivery as the
+    receiver saw it. Example:
+
+        danbyte-webhooks demo --keep
+    """
+    from dispatcher.demo import run_demo
+
+    sys.exit(run_demo(dsn, keep))
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, help="Port to listen on.")
+@click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all).")
+@click.option(
+    "--secret-stdin",
+    is_flag=True,
+    help="Read the secret from standard input to verify signatures "
+    "(or set DANBYTE_RECEIVER_SECRET).",
+)
+@click.option(
+    "--status",
+    "status_code",
+    type=click.IntRange(100, 599),
+    default=200,
+    help="HTTP status to answer with.",
+)
+def receive(port: int, host: str, secret_stdin: bool, status_code: int) -> None:
+    """A debug receiver: print each delivery and whether its signature verifies.
+
+    \b
+    Example:
+      printf '%s' "$SECRET" | danbyte-webhooks receive --port 8080 --secret-stdin
+    """
+    from dispatcher.receiver import DebugReceiver
+
+    secret = os.environ.get("DANBYTE_RECEIVER_SECRET") or None
+    if secret_stdin:
+        secret = sys.stdin.read().rstrip("\r\n") or None
+        if secret is None:
+            raise UserError(
+                "--secret-stdin read an empty secret: pipe the secret on standard input"
+            )
+
+    def show(item: Any) -> None:
+        click.echo(item.describe() + "\n", nl=True)
+
+    try:
+        receiver = DebugReceiver(
+            port=port, host=host, secret=secret, status=status_code, on_request=show
+        )
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    click.echo(
+        f"listening on http://{host}:{receiver.port}/ (answering {status_code}); Ctrl-C to stop",
+        err=True,
+    )
+    receiver.start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        receiver.stop()

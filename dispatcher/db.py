@@ -897,3 +897,57 @@ def status(conn: psycopg.Connection) -> dict[str, Any]:
         cur.execute("SELECT * FROM webhooks.webhook_stats ORDER BY name")
         row["webhooks"] = cur.fetchall()
     return row
+
+
+# --------------------------------------------------------------------------
+# The demo's own objects
+# --------------------------------------------------------------------------
+
+
+def demo_prepare(conn: psycopg.Connection, schema: str) -> str:
+    """Create ``schema.orders`` and watch it; return its object type."""
+    with friendly_errors():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.orders (id int PRIMARY KEY, customer text, "
+                "total numeric(10,2), status text)"
+            ).format(sql.Identifier(schema))
+        )
+        return watch(conn, f"{sql.Identifier(schema).as_string(conn)}.orders", None)
+
+
+def demo_changes(conn: psycopg.Connection, schema: str) -> None:
+    """One create, one update and one delete on the demo table, as user 'demo'."""
+    table = sql.Identifier(schema, "orders")
+    with conn.transaction():
+        conn.execute("SET LOCAL danbyte.username = 'demo'")
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'Ada', 42.50, 'new')").format(table))
+    conn.execute(sql.SQL("UPDATE {} SET status = 'paid' WHERE id = 1").format(table))
+    conn.execute(sql.SQL("DELETE FROM {} WHERE id = 1").format(table))
+
+
+def demo_teardown(
+    conn: psycopg.Connection, schema: str, webhook: str, drop_webhooks_schema: bool
+) -> None:
+    """Remove what the demo created in an existing database."""
+    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    if drop_webhooks_schema:
+        conn.execute("DROP SCHEMA IF EXISTS webhooks CASCADE")
+        return
+    with conn.transaction():
+        row = conn.execute("SELECT id FROM webhooks.webhook WHERE name = %s", (webhook,)).fetchone()
+        if row is None:
+            return
+        conn.execute(
+            "DELETE FROM webhooks.delivery_attempt a USING webhooks.delivery d "
+            "WHERE a.delivery_id = d.id AND d.webhook_id = %s",
+            (row[0],),
+        )
+        conn.execute(
+            "DELETE FROM webhooks.outbox o USING webhooks.delivery d "
+            "WHERE d.outbox_id = o.id AND d.webhook_id = %s",
+            (row[0],),
+        )
+        conn.execute("DELETE FROM webhooks.delivery WHERE webhook_id = %s", (row[0],))
+        conn.execute("DELETE FROM webhooks.webhook WHERE id = %s", (row[0],))
