@@ -55,6 +55,11 @@ class Received:
         return "\n".join(lines)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default (5) refuses bursts of new connections
+
+
 class DebugReceiver:
     """Serves on ``host:port`` in a background thread until :meth:`stop`."""
 
@@ -100,8 +105,7 @@ class DebugReceiver:
 
             do_POST = do_PUT = do_PATCH = _handle
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server((host, port), Handler)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

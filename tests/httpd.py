@@ -100,6 +100,8 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Like a real server's backlog: ~100 dispatcher connections open at once.
+    request_queue_size = 256
     requests: list[Request]
     counts: Counter
     lock: threading.Lock

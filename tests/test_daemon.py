@@ -255,14 +255,24 @@ def test_three_dispatchers_deliver_each_change_exactly_once(
     add_webhook(conn, "b", receiver.url("/b"), triggers=["create"])
     for _ in range(3):
         daemon("--batch-size", "50")
+    wait_until(
+        lambda: conn.execute("SELECT count(*) FROM webhooks.dispatcher").fetchone() == (3,),
+        60,
+        "three dispatchers to start",
+    )
     n = 2000
     for start in range(0, n, 100):
         conn.execute(
             "INSERT INTO orders SELECT g, g, 'x' FROM generate_series(%s::int, %s::int) g",
             (start + 1, start + 100),
         )
-    receiver.wait_for(2 * n, timeout=120)
-    wait_final(conn, 2 * n, timeout=60)
+    wait_final(conn, 2 * n, timeout=120)
+    problems = conn.execute(
+        "SELECT state, error, count(*) FROM webhooks.delivery WHERE state <> 'succeeded' "
+        "GROUP BY 1, 2"
+    ).fetchall()
+    assert problems == []
+    receiver.wait_for(2 * n, timeout=10)
     time.sleep(1.0)
     reqs = receiver.requests
     assert len(reqs) == 2 * n
