@@ -269,33 +269,36 @@ JOB_COLUMNS = """
 
 CLAIM = (
     """
-WITH locked AS (
-    SELECT d.id, d.webhook_id, d.due_at, d.seq
-      FROM webhooks.delivery d
-     WHERE d.state = 'pending' AND d.due_at <= now()
-       AND d.webhook_id <> ALL (%(full)s::bigint[])
-     ORDER BY d.due_at, d.seq
-     LIMIT %(scan)s
-     -- SKIP LOCKED: rows another dispatcher is claiming right now are passed
-     -- over, so the LIMIT applies to rows we can actually take.
-       FOR UPDATE SKIP LOCKED
-), ranked AS (
-    SELECT l.*, row_number() OVER (PARTITION BY l.webhook_id ORDER BY l.due_at, l.seq) AS rn
-      FROM locked l
-), chosen AS (
-    SELECT r.id FROM ranked r
+WITH hooks AS (
+    SELECT w.id, w.enabled, coalesce(b.room, %(per_webhook)s) AS room
+      FROM webhooks.webhook w
       LEFT JOIN unnest(%(busy_ids)s::bigint[], %(busy_room)s::int[]) AS b(webhook_id, room)
-        ON b.webhook_id = r.webhook_id
-     WHERE r.rn <= coalesce(b.room, %(per_webhook)s)
-     ORDER BY r.due_at, r.seq
+        ON b.webhook_id = w.id
+     WHERE w.id <> ALL (%(full)s::bigint[])
+), locked AS (
+    -- Per webhook, its oldest due deliveries up to the room it has left: a
+    -- webhook at its concurrency limit, however long its queue, costs nothing.
+    SELECT d.id, d.due_at, d.seq
+      FROM hooks h
+     CROSS JOIN LATERAL (
+            SELECT d.id, d.due_at, d.seq
+              FROM webhooks.delivery d
+             WHERE d.webhook_id = h.id AND d.state = 'pending' AND d.due_at <= now()
+               AND (h.enabled OR d.is_test)
+             ORDER BY d.due_at, d.seq
+             LIMIT h.room
+             -- SKIP LOCKED: rows another dispatcher is claiming right now are
+             -- passed over, so the LIMIT counts rows we can actually take.
+               FOR UPDATE SKIP LOCKED) d
+     ORDER BY d.due_at, d.seq
      LIMIT %(limit)s
 ), claimed AS (
     UPDATE webhooks.delivery d
        SET state = 'sending', claimed_by = %(me)s,
            lease_until = now() + greatest(%(lease)s, coalesce(w.timeout_seconds, %(timeout)s) + 5)
                                  * interval '1 second'
-      FROM chosen, webhooks.webhook w
-     WHERE d.id = chosen.id AND w.id = d.webhook_id AND (w.enabled OR d.is_test)
+      FROM locked, webhooks.webhook w
+     WHERE d.id = locked.id AND w.id = d.webhook_id
     RETURNING d.*
 )
 SELECT """
@@ -359,7 +362,6 @@ def claim(
                 "busy_room": [r for _, r in busy],
                 "per_webhook": per_webhook,
                 "limit": limit,
-                "scan": max(limit * 2, 50),
                 "me": me,
                 "lease": lease,
                 "timeout": default_timeout,

@@ -253,7 +253,9 @@ CREATE TABLE webhooks.delivery (
     created_at   timestamptz NOT NULL DEFAULT now(),
     finished_at  timestamptz
 ) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.05);
-CREATE INDEX delivery_pending ON webhooks.delivery (due_at, seq) WHERE state = 'pending';
+-- The claim walks this per webhook, so a webhook with a long queue (a dead
+-- endpoint) never makes the others' deliveries slower to find.
+CREATE INDEX delivery_pending ON webhooks.delivery (webhook_id, due_at, seq) WHERE state = 'pending';
 CREATE INDEX delivery_leased ON webhooks.delivery (lease_until) WHERE state = 'sending';
 CREATE INDEX delivery_webhook ON webhooks.delivery (webhook_id, created_at);
 CREATE INDEX delivery_created_at ON webhooks.delivery (created_at);
