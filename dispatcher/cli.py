@@ -214,7 +214,7 @@ def _env(name: str) -> dict[str, Any]:
 @click.option(
     "--per-webhook-concurrency",
     type=click.IntRange(1, 1024),
-    default=8,
+    default=16,
     **_env("PER_WEBHOOK_CONCURRENCY"),
     help="Requests in flight to one webhook at most, so a slow one cannot starve the rest.",
 )

@@ -45,7 +45,7 @@ class Settings:
 
     dsn: str
     workers: int = 32
-    per_webhook_concurrency: int = 8
+    per_webhook_concurrency: int = 16
     poll_interval: float = 5.0
     busy_poll_interval: float = 0.005
     lease_time: float = 60.0

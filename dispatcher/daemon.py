@@ -122,7 +122,7 @@ class Dispatcher:
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sender")
         self.results: SimpleQueue[Outcome] = SimpleQueue()
         self.in_flight: dict[int, int] = defaultdict(int)
-        self.futures: dict[Future[None], Job] = {}
+        self.futures: dict[str, tuple[Future[None], Job]] = {}  # by delivery id
         self.conn: psycopg.Connection | None = None
         self.listener = Listener(settings.dsn, self._on_wake)
         self._rfd, self._wfd = os.pipe()
@@ -135,7 +135,7 @@ class Dispatcher:
         self.recheck = True  # sweep at start-up
         self.more = False
         self.freed = False
-        self.last_check = 0.0
+        self.last_look = 0.0
         self.next_maintenance = 0.0
         self.next_cleanup = 0.0
         self.probe_sent_at: float | None = None
@@ -232,6 +232,7 @@ class Dispatcher:
                 self.first_result_at = time.monotonic()
             self.pending.append(outcome)
             job = outcome.job
+            self.futures.pop(job.delivery_id, None)
             self.in_flight[job.webhook_id] -= 1
             if self.in_flight[job.webhook_id] <= 0:
                 del self.in_flight[job.webhook_id]
@@ -267,22 +268,27 @@ class Dispatcher:
             },
         )
 
-    def _write_back(self, force: bool = False) -> None:
+    def _write_due(self, now: float) -> bool:
         if not self.pending:
-            return
-        now = time.monotonic()
+            return False
         waited = now - (self.first_result_at or now)
-        if not force and len(self.pending) < self.settings.batch_size and waited < WRITE_BACK_DELAY:
-            return
-        batch = [(o, decide(o, base=self.settings.retry_base)) for o in self.pending]
-        db.record_outcomes(self._connection(), self.ident, batch)
-        for outcome, decision in batch:
-            if decision.disable_reason:
-                log.warning(
-                    "webhook %s disabled: %s", outcome.job.webhook_name, decision.disable_reason
-                )
-        self.pending = []
-        self.first_result_at = None
+        return (
+            self.stopping
+            or len(self.pending) >= self.settings.batch_size
+            or waited >= WRITE_BACK_DELAY
+        )
+
+    def _look_due(self, now: float) -> bool:
+        """Whether to look for new changes and deliveries now."""
+        if self.stopping or len(self.futures) >= self.settings.workers:
+            return False
+        if self._notified.is_set():
+            self._notified.clear()
+            return True
+        if self.recheck or self.more or self.freed:
+            return True
+        # Not armed: writers do not wake us, so look every busy-poll interval.
+        return not self.armed and now - self.last_look >= self.settings.busy_poll_interval
 
     def _maintenance(self) -> None:
         conn = self._connection()
@@ -322,75 +328,67 @@ class Dispatcher:
         self.recheck = True  # the poll backstop
         self.next_maintenance = now + s.poll_interval
 
-    def _check(self) -> None:
-        """Fan out new changes and claim what we have room for."""
-        conn = self._connection()
+    def _step(self) -> None:
+        """One turn: write back, fan out and claim as due, in one round trip."""
+        self._collect()
+        now = time.monotonic()
+        if now >= self.next_maintenance:
+            self._maintenance()
+        write = self._write_due(now)
+        look = self._look_due(now)
+        if not write and not look:
+            return
         s = self.settings
-        self.last_check = time.monotonic()
-        self.recheck = self.freed = False
-        changes, _ = db.fan_out(conn, s.batch_size)
-        room = s.workers - len(self.futures)
-        jobs = (
-            db.claim(
-                conn,
-                me=self.ident,
-                limit=min(room, s.batch_size),
-                per_webhook=s.per_webhook_concurrency,
-                in_flight=self.in_flight,
-                lease=s.lease_time,
-                default_timeout=s.default_timeout,
-            )
-            if room > 0
-            else []
+        results = [(o, decide(o, base=s.retry_base)) for o in self.pending] if write else []
+        room = min(s.workers - len(self.futures), s.batch_size) if look else 0
+        found = db.cycle(
+            self._connection(),
+            me=self.ident,
+            results=results,
+            fan_out_limit=s.batch_size if look else 0,
+            claim_limit=room,
+            per_webhook=s.per_webhook_concurrency,
+            in_flight=self.in_flight,
+            lease=s.lease_time,
+            default_timeout=s.default_timeout,
         )
-        for job in jobs:
+        if write:
+            for outcome, decision in results:
+                if decision.disable_reason:
+                    log.warning(
+                        "webhook %s disabled: %s", outcome.job.webhook_name, decision.disable_reason
+                    )
+            self.pending = []
+            self.first_result_at = None
+        if not look:
+            return
+        self.last_look = now
+        self.recheck = self.freed = False
+        for job in found.jobs:
             self.in_flight[job.webhook_id] += 1
-            self.futures[self.executor.submit(self._send, job)] = job
-        self.more = changes >= s.batch_size or (room > 0 and len(jobs) >= min(room, s.batch_size))
-        if changes or jobs:
+            self.futures[job.delivery_id] = (self.executor.submit(self._send, job), job)
+        self.more = found.changes >= s.batch_size or (room > 0 and len(found.jobs) >= room)
+        if found.changes or found.jobs:
             if self.armed:
-                db.heartbeat(conn, self.ident, idle=False)
+                db.heartbeat(self._connection(), self.ident, idle=False)
                 self.armed = False
         elif not self.armed:
             # Nothing to do: ask the triggers to wake us, then look once more
             # for a change that committed before the flag was visible.
-            db.heartbeat(conn, self.ident, idle=True)
+            db.heartbeat(self._connection(), self.ident, idle=True)
             self.armed = True
             self.recheck = True
-
-    def _should_check(self, now: float) -> bool:
-        if self.stopping or len(self.futures) >= self.settings.workers:
-            return False
-        if self._notified.is_set():
-            self._notified.clear()
-            return True
-        if self.recheck or self.more:
-            return True
-        since = now - self.last_check
-        if self.freed and since >= self.settings.busy_poll_interval:
-            return True
-        return not self.armed and since >= self.settings.busy_poll_interval
-
-    def _step(self) -> None:
-        self._collect()
-        self.futures = {f: j for f, j in self.futures.items() if not f.done()}
-        self._write_back(force=self.stopping)
-        now = time.monotonic()
-        if now >= self.next_maintenance:
-            self._maintenance()
-        if self._should_check(time.monotonic()):
-            self._check()
 
     def _timeout(self) -> float:
         now = time.monotonic()
         timeout = max(0.0, self.next_maintenance - now)
         if self.pending:
-            timeout = min(timeout, WRITE_BACK_DELAY)
-        if not self.armed or self.freed:
+            timeout = min(timeout, max(0.0, (self.first_result_at or now) + WRITE_BACK_DELAY - now))
+        if not self.armed:
             timeout = min(
-                timeout, max(0.0, self.last_check + self.settings.busy_poll_interval - now)
+                timeout, max(0.0, self.last_look + self.settings.busy_poll_interval - now)
             )
-        if self.recheck or self.more:
+        if (self.recheck or self.more) and len(self.futures) < self.settings.workers:
             timeout = 0.0
         return timeout
 
@@ -439,7 +437,7 @@ class Dispatcher:
                 self.settings.shutdown_timeout,
             )
             # Claimed but not started: give them back now rather than at lease expiry.
-            unstarted = [job for f, job in self.futures.items() if f.cancel()]
+            unstarted = [job for f, job in self.futures.values() if f.cancel()]
             if unstarted:
                 try:
                     db.release(self._connection(), self.ident, [j.delivery_id for j in unstarted])
@@ -447,11 +445,9 @@ class Dispatcher:
                     pass  # their leases expire instead
                 for job in unstarted:
                     self.in_flight[job.webhook_id] -= 1
-        return (
-            not any(not f.done() for f in self.futures)
-            and self.results.empty()
-            and not self.pending
-        )
+                    del self.futures[job.delivery_id]
+        # Finished requests leave self.futures when their result is collected.
+        return not self.futures and self.results.empty() and not self.pending
 
     def _shutdown_expired(self) -> bool:
         assert self._stop_started is not None
@@ -460,7 +456,13 @@ class Dispatcher:
     def _shutdown(self) -> int:
         self._collect()
         try:
-            self._write_back(force=True)
+            if self.pending:
+                db.record_outcomes(
+                    self._connection(),
+                    self.ident,
+                    [(o, decide(o, base=self.settings.retry_base)) for o in self.pending],
+                )
+                self.pending = []
         except (psycopg.OperationalError, UserError) as exc:
             log.error(
                 "could not record %d results (%s): those deliveries will be retried "
@@ -468,7 +470,7 @@ class Dispatcher:
                 len(self.pending),
                 db.one_line(exc),
             )
-        unfinished = [f for f in self.futures if not f.done()]
+        unfinished = list(self.futures)
         if unfinished:
             log.warning(
                 "%d requests still in flight after %.0fs: their deliveries are retried "

@@ -335,6 +335,28 @@ def _job(row: dict[str, Any], default_timeout: float) -> Job:
     )
 
 
+def _claim_params(
+    me: str,
+    limit: int,
+    per_webhook: int,
+    in_flight: dict[int, int],
+    lease: float,
+    default_timeout: float,
+) -> dict[str, Any]:
+    full = [w for w, n in in_flight.items() if n >= per_webhook]
+    busy = [(w, per_webhook - n) for w, n in in_flight.items() if 0 < n < per_webhook]
+    return {
+        "full": full,
+        "busy_ids": [w for w, _ in busy],
+        "busy_room": [r for _, r in busy],
+        "per_webhook": per_webhook,
+        "limit": limit,
+        "me": me,
+        "lease": lease,
+        "timeout": default_timeout,
+    }
+
+
 def claim(
     conn: psycopg.Connection,
     *,
@@ -351,39 +373,20 @@ def claim(
     the ``in_flight`` ones this dispatcher already sends. The lease lasts
     ``lease`` seconds (at least the request timeout plus 5 s).
     """
-    full = [w for w, n in in_flight.items() if n >= per_webhook]
-    busy = [(w, per_webhook - n) for w, n in in_flight.items() if 0 < n < per_webhook]
+    params = _claim_params(me, limit, per_webhook, in_flight, lease, default_timeout)
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            CLAIM,
-            {
-                "full": full,
-                "busy_ids": [w for w, _ in busy],
-                "busy_room": [r for _, r in busy],
-                "per_webhook": per_webhook,
-                "limit": limit,
-                "me": me,
-                "lease": lease,
-                "timeout": default_timeout,
-            },
-        )
+        cur.execute(CLAIM, params)
         return [_job(row, default_timeout) for row in cur.fetchall()]
 
 
-RECORD_PARAMS = (
-    "ids", "attempt", "outcome", "state", "retry_in", "status", "error", "duration",
-    "attempted_at", "method", "url", "req_headers", "resp_headers", "resp_body",
-)  # fmt: skip
-
+# The results travel as one JSON array (one json.dumps in C) rather than as
+# one array parameter per column: psycopg dumps Python lists element by element.
 RECORD = """
 WITH r AS (
-    SELECT * FROM unnest(
-        %(ids)s::uuid[], %(attempt)s::int[], %(outcome)s::text[], %(state)s::text[],
-        %(retry_in)s::float8[], %(status)s::int[], %(error)s::text[], %(duration)s::float8[],
-        %(attempted_at)s::timestamptz[], %(method)s::text[], %(url)s::text[],
-        %(req_headers)s::text[], %(resp_headers)s::text[], %(resp_body)s::text[])
-      AS r(id, attempt, outcome, state, retry_in, status, error, duration_ms, attempted_at,
-           method, url, req_headers, resp_headers, resp_body)
+    SELECT * FROM jsonb_to_recordset(%(results)s::jsonb)
+      AS r(id uuid, attempt int, outcome text, state text, retry_in float8, status int,
+           error text, duration_ms float8, attempted_at timestamptz, method text, url text,
+           req_headers jsonb, resp_headers jsonb, resp_body text)
 ), upd AS (
     UPDATE webhooks.delivery d
        SET state = r.state,
@@ -403,9 +406,47 @@ INSERT INTO webhooks.delivery_attempt
     (delivery_id, attempt, attempted_at, duration_ms, dispatcher, outcome, request_method,
      request_url, request_headers, status_code, response_headers, response_body, error)
 SELECT r.id, r.attempt, r.attempted_at, r.duration_ms, %(me)s, r.outcome, r.method, r.url,
-       r.req_headers::jsonb, r.status, r.resp_headers::jsonb, r.resp_body, r.error
+       r.req_headers, r.status, r.resp_headers, r.resp_body, r.error
   FROM r
 """
+
+
+def _queue_outcomes(
+    conn: psycopg.Connection, me: str, results: Sequence[tuple[Outcome, Decision]]
+) -> None:
+    """Send the write-back statements (inside a transaction the caller opened)."""
+    rows = []
+    gone: dict[int, str] = {}
+    for outcome, decision in results:
+        job = outcome.job
+        rows.append(
+            {
+                "id": job.delivery_id,
+                "attempt": job.attempt,
+                "outcome": "retrying" if decision.state == "pending" else decision.state,
+                "state": decision.state,
+                "retry_in": decision.retry_in,
+                "status": outcome.status_code,
+                "error": outcome.error,
+                "duration_ms": outcome.duration_ms,
+                "attempted_at": outcome.attempted_at.isoformat(),
+                "method": job.method,
+                "url": job.url,
+                "req_headers": outcome.request_headers,
+                "resp_headers": outcome.response_headers,
+                "resp_body": outcome.response_body,
+            }
+        )
+        if decision.disable_reason:
+            gone[job.webhook_id] = decision.disable_reason
+    conn.execute(RECORD, {"results": json.dumps(rows), "me": me})
+    for webhook_id, reason in gone.items():
+        conn.execute(
+            "UPDATE webhooks.webhook SET enabled = false, "
+            "disabled_reason = %s || ' (at ' || to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ') || ')' "
+            "WHERE id = %s AND enabled",
+            (reason, webhook_id),
+        )
 
 
 def record_outcomes(
@@ -417,47 +458,53 @@ def record_outcomes(
     state, but the attempt is still logged: it happened. Webhooks that
     answered 410 Gone are disabled in the same transaction.
     """
-    if not results:
-        return
-    rows = []
-    gone: dict[int, str] = {}
-    for outcome, decision in results:
-        job = outcome.job
-        rows.append(
-            (
-                job.delivery_id,
-                job.attempt,
-                "retrying" if decision.state == "pending" else decision.state,
-                decision.state,
-                decision.retry_in,
-                outcome.status_code,
-                outcome.error,
-                outcome.duration_ms,
-                outcome.attempted_at,
-                job.method,
-                job.url,
-                json.dumps(outcome.request_headers),
-                None if outcome.response_headers is None else json.dumps(outcome.response_headers),
-                outcome.response_body,
-            )
-        )
-        if decision.disable_reason:
-            gone[job.webhook_id] = decision.disable_reason
-    # One array per column: the statement unnests them back into rows.
-    cols = dict(zip(RECORD_PARAMS, map(list, zip(*rows, strict=True)), strict=True))
-    with conn.transaction():
-        conn.execute(RECORD, {**cols, "me": me})
-        for webhook_id, reason in gone.items():
-            conn.execute(
-                "UPDATE webhooks.webhook SET enabled = false, disabled_reason = %s "
-                "WHERE id = %s AND enabled",
-                (f"{reason} (at {_now_text(conn)})", webhook_id),
-            )
+    if results:
+        with conn.transaction():
+            _queue_outcomes(conn, me, results)
 
 
-def _now_text(conn: psycopg.Connection) -> str:
-    row = conn.execute("SELECT to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ')").fetchone()
-    return str(row[0]) if row else ""
+@dataclass
+class Cycle:
+    """What one :func:`cycle` found: changes fanned out, and the jobs claimed."""
+
+    changes: int
+    jobs: list[Job]
+
+
+def cycle(
+    conn: psycopg.Connection,
+    *,
+    me: str,
+    results: Sequence[tuple[Outcome, Decision]],
+    fan_out_limit: int,
+    claim_limit: int,
+    per_webhook: int,
+    in_flight: dict[int, int],
+    lease: float,
+    default_timeout: float,
+) -> Cycle:
+    """Write back ``results``, fan out up to ``fan_out_limit`` changes and claim up
+    to ``claim_limit`` deliveries (each step skipped when zero), in one round trip.
+
+    Pipeline mode: the statements are sent together and run in order, each
+    step its own transaction, so the claim sees what the fan-out created.
+    """
+    claim_params = _claim_params(me, claim_limit, per_webhook, in_flight, lease, default_timeout)
+    with conn.pipeline():
+        if results:
+            with conn.transaction():
+                _queue_outcomes(conn, me, results)
+        fan = conn.execute(FAN_OUT, {"limit": fan_out_limit}) if fan_out_limit > 0 else None
+        claimed = conn.cursor(row_factory=dict_row)
+        if claim_limit > 0:
+            claimed.execute(CLAIM, claim_params)
+    changes = 0
+    if fan is not None:
+        row = fan.fetchone()
+        changes = int(row[0]) if row else 0
+    jobs = [_job(r, default_timeout) for r in claimed.fetchall()] if claim_limit > 0 else []
+    claimed.close()
+    return Cycle(changes, jobs)
 
 
 def release(conn: psycopg.Connection, me: str, delivery_ids: Iterable[str]) -> int:

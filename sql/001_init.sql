@@ -312,37 +312,33 @@ CREATE TABLE webhooks.dispatcher (
 -- Capture
 ------------------------------------------------------------------------------
 
--- The user who made the change: the SET ROLE role if any, else the login role.
--- (current_user is the definer inside SECURITY DEFINER functions.)
-CREATE FUNCTION webhooks.acting_user() RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT CASE WHEN current_setting('role') = 'none' THEN session_user::text
-                ELSE current_setting('role') END
-$fn$;
+-- The capture functions below inline two things on purpose (a helper function
+-- with its own SET clause costs as much as the outbox INSERT itself):
+--  * the acting user: the SET ROLE role if any, else the login role
+--    (current_user is the definer inside SECURITY DEFINER functions);
+--  * the wake-up: NOTIFY takes a cluster-wide lock at commit that serialises
+--    committing transactions, so it is only sent while a live dispatcher has
+--    said it is idle; busy dispatchers find new rows on their own. The payload
+--    is constant, so several in one transaction collapse into one.
 
--- Wake an idle dispatcher. NOTIFY takes a cluster-wide lock at commit that
--- serialises committing transactions, so it is only sent when a live
--- dispatcher has said it is idle; busy dispatchers find new rows on their own.
--- The payload is constant so that several calls in one transaction collapse.
-CREATE FUNCTION webhooks.wake() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    IF EXISTS (SELECT FROM webhooks.dispatcher d
-                WHERE d.idle AND d.seen_at > now() - interval '1 minute') THEN
-        PERFORM pg_notify('danbyte_webhooks', '');
-    END IF;
-END
-$fn$;
-
--- INSERT and DELETE: statement-level triggers with transition tables, one
--- INSERT ... SELECT per statement. TG_ARGV: object type, then the primary
--- key columns (none for a table without a key).
-CREATE FUNCTION webhooks.capture_rows() RETURNS trigger
+-- Statement-level triggers with transition tables: one INSERT ... SELECT per
+-- statement, which costs half as much per row as row-level triggers on
+-- multi-row statements. TG_ARGV: the object type, then the primary key
+-- columns (none for a table without a key).
+--
+-- UPDATE pairs each old row with its new row by position: PostgreSQL appends
+-- the old and the new version of each updated row to the two transition
+-- tables together (AfterTriggerSaveEvent), also for rows moved between
+-- partitions, so the n-th rows belong together; a plain scan with
+-- row_number() OVER () reads them in that order. Updates that change nothing
+-- (same JSON text before and after) are skipped.
+CREATE FUNCTION webhooks.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     n bigint;
     ts timestamptz := clock_timestamp();
-    who text := webhooks.acting_user();
+    who text := CASE WHEN current_setting('role') = 'none' THEN session_user::text
+                     ELSE current_setting('role') END;
     uname text := nullif(current_setting('danbyte.username', true), '');
     rid text := nullif(current_setting('danbyte.request_id', true), '');
 BEGIN
@@ -355,6 +351,18 @@ BEGIN
                              ELSE (SELECT json_object_agg(k, r -> k) FROM unnest(TG_ARGV[1:]) k) END,
                NULL, r, ts, who, uname, rid
           FROM (SELECT to_json(t) AS r FROM danbyte_new t) s;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO webhooks.outbox
+            (event, object_type, object_id, prechange, postchange, changed_at, db_user, username, request_id)
+        SELECT 'update', TG_ARGV[0],
+               CASE TG_NARGS WHEN 1 THEN NULL
+                             WHEN 2 THEN a.r -> TG_ARGV[1]
+                             ELSE (SELECT json_object_agg(k, a.r -> k) FROM unnest(TG_ARGV[1:]) k) END,
+               b.r, a.r, ts, who, uname, rid
+          FROM (SELECT row_number() OVER () AS i, to_json(t) AS r FROM danbyte_old t) b
+          JOIN (SELECT row_number() OVER () AS i, to_json(t) AS r FROM danbyte_new t) a
+            ON a.i = b.i
+         WHERE a.r::text <> b.r::text;
     ELSE
         INSERT INTO webhooks.outbox
             (event, object_type, object_id, prechange, postchange, changed_at, db_user, username, request_id)
@@ -366,40 +374,10 @@ BEGIN
           FROM (SELECT to_json(t) AS r FROM danbyte_old t) s;
     END IF;
     GET DIAGNOSTICS n = ROW_COUNT;
-    IF n > 0 THEN
-        PERFORM webhooks.wake();
+    IF n > 0 AND EXISTS (SELECT FROM webhooks.dispatcher d
+                          WHERE d.idle AND d.seen_at > now() - interval '1 minute') THEN
+        PERFORM pg_notify('danbyte_webhooks', '');
     END IF;
-    RETURN NULL;
-END
-$fn$;
-
--- UPDATE: a row-level trigger, so each old row is paired with its new row
--- exactly (transition tables give no pairing). The trigger's WHEN clause
--- (OLD *<> NEW: binary row comparison, defined for every column type) skips
--- updates that change nothing without calling this function.
-CREATE FUNCTION webhooks.capture_update() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    r json := to_json(NEW);
-BEGIN
-    INSERT INTO webhooks.outbox
-        (event, object_type, object_id, prechange, postchange, changed_at, db_user, username, request_id)
-    VALUES ('update', TG_ARGV[0],
-            CASE TG_NARGS WHEN 1 THEN NULL
-                          WHEN 2 THEN r -> TG_ARGV[1]
-                          ELSE (SELECT json_object_agg(k, r -> k) FROM unnest(TG_ARGV[1:]) k) END,
-            to_json(OLD), r, clock_timestamp(), webhooks.acting_user(),
-            nullif(current_setting('danbyte.username', true), ''),
-            nullif(current_setting('danbyte.request_id', true), ''));
-    RETURN NULL;
-END
-$fn$;
-
--- Once per UPDATE statement, after the row triggers: wake an idle dispatcher.
-CREATE FUNCTION webhooks.capture_update_wake() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    PERFORM webhooks.wake();
     RETURN NULL;
 END
 $fn$;
@@ -466,22 +444,20 @@ BEGIN
       FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'danbyte_webhooks_insert';
     IF current = wanted
        AND (SELECT count(*) FROM pg_trigger t
-             WHERE t.tgrelid = tbl AND t.tgname LIKE 'danbyte\_webhooks\_%') = 4 THEN
+             WHERE t.tgrelid = tbl AND t.tgname LIKE 'danbyte\_webhooks\_%') = 3 THEN
         RETURN ot;  -- already watched with the same settings
     END IF;
     PERFORM webhooks.unwatch(tbl);
     args := array_to_string(ARRAY(SELECT quote_literal(a) FROM unnest(wanted) a), ', ');
     EXECUTE format('CREATE TRIGGER danbyte_webhooks_insert AFTER INSERT ON %s '
                    'REFERENCING NEW TABLE AS danbyte_new FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION webhooks.capture_rows(%s)', tbl, args);
+                   'EXECUTE FUNCTION webhooks.capture(%s)', tbl, args);
+    EXECUTE format('CREATE TRIGGER danbyte_webhooks_update AFTER UPDATE ON %s '
+                   'REFERENCING OLD TABLE AS danbyte_old NEW TABLE AS danbyte_new '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION webhooks.capture(%s)', tbl, args);
     EXECUTE format('CREATE TRIGGER danbyte_webhooks_delete AFTER DELETE ON %s '
                    'REFERENCING OLD TABLE AS danbyte_old FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION webhooks.capture_rows(%s)', tbl, args);
-    EXECUTE format('CREATE TRIGGER danbyte_webhooks_update AFTER UPDATE ON %s '
-                   'FOR EACH ROW WHEN (OLD *<> NEW) '
-                   'EXECUTE FUNCTION webhooks.capture_update(%s)', tbl, args);
-    EXECUTE format('CREATE TRIGGER danbyte_webhooks_update_wake AFTER UPDATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION webhooks.capture_update_wake()', tbl);
+                   'EXECUTE FUNCTION webhooks.capture(%s)', tbl, args);
     RETURN ot;
 EXCEPTION WHEN insufficient_privilege THEN
     RAISE EXCEPTION 'not allowed to watch %: run watch() as the owner of the table or a role with the TRIGGER privilege on it', tbl
@@ -555,7 +531,9 @@ BEGIN
     END IF;
     INSERT INTO webhooks.changelog
         (db_user, username, action, webhook_id, webhook_name, before, after, secret_changed)
-    VALUES (webhooks.acting_user(), nullif(current_setting('danbyte.username', true), ''),
+    VALUES (CASE WHEN current_setting('role') = 'none' THEN session_user::text
+                 ELSE current_setting('role') END,
+            nullif(current_setting('danbyte.username', true), ''),
             CASE TG_OP WHEN 'INSERT' THEN 'create' WHEN 'UPDATE' THEN 'update' ELSE 'delete' END,
             coalesce(NEW.id, OLD.id), coalesce(NEW.name, OLD.name), before, after,
             CASE TG_OP WHEN 'UPDATE' THEN OLD.secret IS DISTINCT FROM NEW.secret

@@ -160,7 +160,7 @@ def test_watch_is_idempotent_and_unwatch_removes(conn: psycopg.Connection) -> No
     triggers = conn.execute(
         "SELECT oid FROM pg_trigger WHERE tgrelid = 'orders'::regclass ORDER BY oid"
     ).fetchall()
-    assert len(triggers) == 4
+    assert len(triggers) == 3
     db.watch(conn, "orders", None)  # no-op: same triggers
     assert (
         conn.execute(
@@ -269,6 +269,30 @@ def test_multi_row_statements_and_awkward_column_types(conn: psycopg.Connection)
     assert first["f"] == "NaN" and first["b"] == "\\x00ff"
 
 
+def test_multi_row_update_pairs_each_old_row_with_its_new_row(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE nokey (a int, b text)")
+    db.watch(conn, "t", None)
+    db.watch(conn, "nokey", None)
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 2000) g")
+    conn.execute("INSERT INTO nokey SELECT g, 'b' || g FROM generate_series(1, 500) g")
+    conn.execute("TRUNCATE webhooks.outbox")
+    # the key itself changes, rows are visited in physical order, some stay the same
+    conn.execute("UPDATE t SET id = id + 100000, v = v || '!' WHERE id % 3 <> 0")
+    conn.execute("UPDATE t SET v = v WHERE id % 3 = 0")  # changes nothing
+    conn.execute("UPDATE nokey SET a = -a")
+    rows = outbox(conn)
+    assert len(rows) == 2000 - 666 + 500
+    for r in rows:
+        before, after = r["prechange"], r["postchange"]
+        assert r["event"] == "update"
+        if r["object_type"] == "public.t":
+            assert after["id"] == before["id"] + 100000 and after["v"] == before["v"] + "!"
+            assert r["object_id"] == after["id"]
+        else:
+            assert after["a"] == -before["a"] and after["b"] == before["b"]
+
+
 def test_partitioned_table(conn: psycopg.Connection) -> None:
     conn.execute(
         "CREATE TABLE ev (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)"
@@ -278,13 +302,17 @@ def test_partitioned_table(conn: psycopg.Connection) -> None:
     db.watch(conn, "ev", None)
     conn.execute("INSERT INTO ev VALUES (1, 'eu'), (2, 'us')")
     conn.execute("UPDATE ev SET id = 3 WHERE id = 2")
+    conn.execute("UPDATE ev SET region = 'eu' WHERE id = 3")  # moves to another partition
     conn.execute("DELETE FROM ev WHERE id = 1")
-    assert [(r["event"], r["object_id"]) for r in outbox(conn)] == [
+    rows = outbox(conn)
+    assert [(r["event"], r["object_id"]) for r in rows] == [
         ("create", {"id": 1, "region": "eu"}),
         ("create", {"id": 2, "region": "us"}),
         ("update", {"id": 3, "region": "us"}),
+        ("update", {"id": 3, "region": "eu"}),
         ("delete", {"id": 1, "region": "eu"}),
     ]
+    assert rows[3]["prechange"] == {"id": 3, "region": "us"}
 
 
 def test_application_role_needs_no_webhooks_privileges(database: Database, make_role) -> None:

@@ -1,0 +1,1 @@
+"""The benchmark: ``python -m tests.bench [--quick] [--dsn DSN] [--json PATH]``."""

@@ -1,0 +1,738 @@
+"""The benchmark: write-path cost, latency, throughput, backlog, isolation, fan-out.
+
+    python -m tests.bench [--quick] [--dsn DSN] [--json PATH]
+
+Starts what it needs: a durable throwaway PostgreSQL (fsync and
+synchronous_commit on) unless --dsn names a server (a superuser DSN; the
+benchmark creates and drops its own databases there), a fast keep-alive HTTP
+receiver in its own process, and dispatchers as real subprocesses. Every
+figure is printed with the baseline it is compared against, measured in the
+same run. --quick is a seconds-long smoke run of every figure (numbers from
+it mean little). It asserts nothing about absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from dispatcher import db
+from dispatcher.pgcluster import TempCluster, find_bindir, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Scale:
+    seconds: float  # each pgbench run
+    rows: int  # multi-row statements: 100-row statements per run
+    backlog: int  # throughput backlog
+    big_backlog: int  # figure 5
+    latency_seconds: float
+    slow: int
+    isolation: int
+    fanout_changes: int
+
+
+FULL = Scale(
+    seconds=10,
+    rows=300,
+    backlog=20000,
+    big_backlog=100000,
+    latency_seconds=10,
+    slow=3000,
+    isolation=10000,
+    fanout_changes=400,
+)
+QUICK = Scale(
+    seconds=1.5,
+    rows=20,
+    backlog=600,
+    big_backlog=2000,
+    latency_seconds=1.5,
+    slow=150,
+    isolation=400,
+    fanout_changes=12,
+)
+
+
+class Bench:
+    """The server, the receiver, and fresh databases for each scenario."""
+
+    def __init__(self, dsn: str | None, scale: Scale) -> None:
+        self.scale = scale
+        self.cluster: TempCluster | None = None
+        if dsn is None:
+            self.cluster = TempCluster(durable=True, settings={"max_connections": "300"}).start()
+            dsn = self.cluster.dsn()
+        self.admin_dsn = dsn
+        self.dbs: list[str] = []
+        self.logdir = Path(tempfile.mkdtemp(prefix="danbyte-bench-"))
+        self.port = free_port()
+        self.receiver = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.receiver", str(self.port)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.receiver.stdout is not None
+        assert self.receiver.stdout.readline().strip() == "ready"
+        self.template = self._create("danbyte_bench_tpl")
+        with psycopg.connect(self.dsn(self.template), autocommit=True) as c:
+            db.migrate(c)
+            c.execute(
+                "CREATE TABLE bench (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, "
+                "v text NOT NULL DEFAULT 'x')"
+            )
+            c.execute("CREATE TABLE plain (LIKE bench INCLUDING ALL)")
+            c.execute("SELECT webhooks.watch('bench')")
+
+    def dsn(self, dbname: str) -> str:
+        params = conninfo_to_dict(self.admin_dsn)
+        params["dbname"] = dbname
+        return make_conninfo("", **params)
+
+    def _create(self, name: str, template: str | None = None) -> str:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as c:
+            c.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            q = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+            if template:
+                q += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+            c.execute(q)
+        self.dbs.append(name)
+        return name
+
+    def fresh(self) -> str:
+        """A new database with the schema, a watched ``bench`` table and an unwatched ``plain``."""
+        return self.dsn(self._create(f"danbyte_bench_{uuid.uuid4().hex[:8]}", self.template))
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stats(self) -> dict[str, list[tuple[int, float]]]:
+        """What the receiver got since the last call (and reset it)."""
+        with urllib.request.urlopen(self.url("/stats"), timeout=30) as r:
+            return {k: [tuple(x) for x in v] for k, v in json.loads(r.read()).items()}
+
+    @contextmanager
+    def dispatchers(self, dsn: str, n: int = 1, *args: str) -> Iterator[list[subprocess.Popen]]:
+        procs = []
+        for i in range(n):
+            log = open(self.logdir / f"dispatcher-{uuid.uuid4().hex[:6]}-{i}.log", "wb")  # noqa: SIM115
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "dispatcher", "run", "--dsn", dsn, *args],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        try:
+            yield procs
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    def close(self) -> None:
+        self.receiver.terminate()
+        self.receiver.wait(10)
+        if self.cluster is not None:
+            self.cluster.stop()
+        else:
+            with psycopg.connect(self.admin_dsn, autocommit=True) as c:
+                for name in self.dbs:
+                    c.execute(
+                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                            sql.Identifier(name)
+                        )
+                    )
+
+
+def add_webhook(bench: Bench, dsn: str, name: str, path: str, **fields: Any) -> None:
+    """A webhook sending to ``path`` on the benchmark's receiver."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        db.add_webhook(c, {"name": name, "payload_url": bench.url(path), **fields})
+
+
+def load_backlog(dsn: str, n: int, start: int = 1) -> None:
+    """``n`` committed changes (inserts) in 10,000-row statements."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for lo in range(start, start + n, 10000):
+            hi = min(lo + 9999, start + n - 1)
+            c.execute(
+                "INSERT INTO bench (id) SELECT g FROM generate_series(%s::bigint, %s) g", (lo, hi)
+            )
+
+
+def rate_from(times: list[float]) -> float:
+    """Deliveries per second between the first and the last arrival."""
+    if len(times) < 2:
+        return float("nan")
+    times = sorted(times)
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def drain(
+    bench: Bench,
+    dsn: str,
+    n_expected: int,
+    procs: int = 1,
+    args: tuple[str, ...] = (),
+    path_filter: Callable[[str], bool] = lambda p: True,
+    timeout: float = 900,
+) -> tuple[float, list[float]]:
+    """Start dispatchers on a loaded backlog; return (deliveries/s, arrival times)."""
+    bench.stats()
+    times: list[float] = []
+    with bench.dispatchers(dsn, procs, *args):
+        deadline = time.monotonic() + timeout
+        while len(times) < n_expected:
+            time.sleep(0.5)
+            for path, got in bench.stats().items():
+                if path_filter(path):
+                    times.extend(t for _, t in got)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark: {len(times)} of {n_expected} deliveries arrived")
+    return rate_from(times), times
+
+
+# ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+
+
+def pgbench(bench: Bench, dsn: str, script: str, seconds: float, clients: int = 8) -> float:
+    bindir = find_bindir()
+    assert bindir is not None
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    out = subprocess.run(
+        [
+            str(bindir / "pgbench"),
+            "-n",
+            "-c",
+            str(clients),
+            "-j",
+            "2",
+            "-T",
+            str(max(1, round(seconds))),
+            "-f",
+            f.name,
+            dsn,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(f.name)
+    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    assert m, out
+    return float(m.group(1))
+
+
+def figure_write_path(bench: Bench) -> dict[str, Any]:
+    s = bench.scale
+    dsn = bench.fresh()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for t in ("bench", "plain"):
+            c.execute(
+                sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, 10000) g").format(
+                    sql.Identifier(t)
+                )
+            )
+        c.execute("TRUNCATE webhooks.outbox")
+    insert = (
+        "\\set id random(100000000, 999999999999)\n"
+        "INSERT INTO {t} (id) VALUES (:id) ON CONFLICT DO NOTHING;\n"
+    )
+    update = "\\set id random(1, 10000)\nUPDATE {t} SET n = n + 1 WHERE id = :id;\n"
+    results: dict[str, Any] = {}
+
+    def pair(label: str) -> None:
+        for op, script in (("insert", insert), ("update", update)):
+            base = pgbench(bench, dsn, script.format(t="plain"), s.seconds)
+            watched = pgbench(bench, dsn, script.format(t="bench"), s.seconds)
+            results[f"{op}_{label}"] = {
+                "tps": watched,
+                "baseline_tps": base,
+                "ratio": watched / base,
+            }
+
+    pair("no_dispatcher")
+    # Busy: a backlog that lasts through all four runs keeps the dispatcher
+    # delivering while both the unwatched baseline and the watched table are
+    # measured, so both pay for the CPU it uses.
+    add_webhook(bench, dsn, "fast", "/fast")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("TRUNCATE webhooks.outbox")
+    load_backlog(dsn, int(4 * s.seconds * 1500) + 2000, start=10_000_000)
+    with bench.dispatchers(dsn, 1):
+        time.sleep(0.5)
+        pair("dispatcher_busy")
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute(
+                "SELECT outbox_backlog + deliveries_due FROM webhooks.status"
+            ).fetchone()
+        results["busy_backlog_left"] = int(row[0]) if row else 0
+    bench.stats()
+    # Idle: no webhook to deliver to; the dispatcher keeps up and marks itself
+    # idle whenever the outbox is empty, so writers NOTIFY it now and then.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DELETE FROM webhooks.webhook")
+    with bench.dispatchers(dsn, 1):
+        time.sleep(1.0)
+        pair("dispatcher_idle")
+
+    # Multi-row statements, one client, dispatcher stopped: the trigger's own cost.
+    rows = 100
+
+    def per_row(table: str, stmt: str) -> float:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(table)))
+            c.execute(
+                sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, %s) g").format(
+                    sql.Identifier(table)
+                ),
+                (rows,),
+            )
+            start = time.perf_counter()
+            for i in range(s.rows):
+                c.execute(sql.SQL(stmt).format(sql.Identifier(table)), {"i": i, "rows": rows})
+            return (time.perf_counter() - start) / (s.rows * rows) * 1e6
+
+    ins = (
+        "INSERT INTO {} (id) SELECT g FROM generate_series(%(i)s * %(rows)s + 1000000, "
+        "%(i)s * %(rows)s + 1000000 + %(rows)s - 1) g"
+    )
+    upd = "UPDATE {} SET n = n + 1"
+    for op, stmt in (("insert", ins), ("update", upd)):
+        plain_us = per_row("plain", stmt)
+        watched_us = per_row("bench", stmt)
+        results[f"multirow_{op}"] = {
+            "us_per_row": watched_us,
+            "baseline_us_per_row": plain_us,
+            "added_us_per_row": watched_us - plain_us,
+        }
+    return results
+
+
+def figure_throughput(bench: Bench) -> dict[str, Any]:
+    n = bench.scale.backlog
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.bench.client", bench.url("/baseline"), str(n)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    baseline = float(out.stdout.strip())
+    bench.stats()
+    results: dict[str, Any] = {"baseline_requests_loop": baseline}
+    for procs in (1, 2):
+        dsn = bench.fresh()
+        add_webhook(bench, dsn, "fast", "/fast")
+        load_backlog(dsn, n)
+        rate, _ = drain(bench, dsn, n, procs)
+        results[f"processes_{procs}"] = rate
+    results["ratio_1_process_to_baseline"] = results["processes_1"] / baseline
+    results["ratio_2_to_1_processes"] = results["processes_2"] / results["processes_1"]
+    return results
+
+
+def latency_run(bench: Bench, dsn: str, rate: float, seconds: float) -> dict[str, float]:
+    """Commit single-row changes at ``rate``/s; latency = arrival - commit."""
+    commits: dict[int, float] = {}
+    lock = threading.Lock()
+    threads_n = 4 if rate > 150 else 1
+    total = int(rate * seconds)
+    t0 = time.time() + 0.5
+    base = int(time.time() * 1000) % 1_000_000 * 1_000_000
+
+    def worker(k: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for i in range(k, total, threads_n):
+                due = t0 + i / rate
+                delay = due - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                c.execute("INSERT INTO bench (id) VALUES (%s)", (base + i,))
+                done = time.time()
+                with lock:
+                    commits[base + i] = done
+
+    bench.stats()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got: dict[int, float] = {}
+    deadline = time.monotonic() + 60
+    while len(got) < total and time.monotonic() < deadline:
+        for oid, t in bench.stats().get("/lat", []):
+            got[oid] = t
+        time.sleep(0.2)
+    lat = sorted((got[i] - commits[i]) * 1000 for i in commits if i in got)
+    if len(lat) < total:
+        raise RuntimeError(f"benchmark: {total - len(lat)} latency deliveries missing")
+    return {
+        "rate": rate,
+        "changes": total,
+        "p50_ms": statistics.median(lat),
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        "max_ms": lat[-1],
+    }
+
+
+def figure_latency(bench: Bench, capacity: float) -> dict[str, Any]:
+    dsn = bench.fresh()
+    add_webhook(bench, dsn, "lat", "/lat")
+    with bench.dispatchers(dsn, 1):
+        time.sleep(1.0)
+        light = latency_run(bench, dsn, 200.0, bench.scale.latency_seconds)
+        half = latency_run(bench, dsn, capacity / 2, bench.scale.latency_seconds)
+    return {"light": light, "half_capacity": half, "capacity_used": capacity}
+
+
+def figure_slow(bench: Bench) -> dict[str, Any]:
+    conc = 16
+    dsn = bench.fresh()
+    add_webhook(bench, dsn, "slow", "/slow/20")
+    load_backlog(dsn, bench.scale.slow)
+    rate, _ = drain(
+        bench,
+        dsn,
+        bench.scale.slow,
+        1,
+        ("--workers", str(conc), "--per-webhook-concurrency", str(conc)),
+    )
+    ideal = conc / 0.020
+    return {"concurrency": conc, "rate": rate, "ideal": ideal, "ratio": rate / ideal}
+
+
+def rss_peak_kb(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(m.group(1)) if m else 0
+
+
+def claim_ms(dsn: str) -> float:
+    """Time of one fan-out + claim of 200 fresh changes, with no dispatcher running."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute("SELECT coalesce(max(id), 0) FROM bench").fetchone()
+        start_id = int(row[0]) + 1 if row else 1
+    load_backlog(dsn, 200, start=start_id)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        t = time.perf_counter()
+        db.fan_out(c, 200)
+        jobs = db.claim(
+            c, me="bench", limit=200, per_webhook=200, in_flight={}, lease=60, default_timeout=10
+        )
+        elapsed = (time.perf_counter() - t) * 1000
+        # hand them back so they do not count as lost
+        c.execute(
+            "DELETE FROM webhooks.delivery WHERE id = ANY(%s::uuid[])",
+            ([j.delivery_id for j in jobs],),
+        )
+    return elapsed
+
+
+def figure_backlog(bench: Bench) -> dict[str, Any]:
+    n = bench.scale.big_backlog
+    dsn = bench.fresh()
+    add_webhook(bench, dsn, "fast", "/big")
+    before = claim_ms(dsn)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("TRUNCATE bench")
+    load_backlog(dsn, n)
+    bench.stats()
+    peak = 0
+    times: list[float] = []
+    with bench.dispatchers(dsn, 1) as (proc,):
+        deadline = time.monotonic() + 1800
+        while len(times) < n:
+            time.sleep(0.5)
+            peak = max(peak, rss_peak_kb(proc.pid))
+            times.extend(t for _, t in bench.stats().get("/big", []))
+            if time.monotonic() > deadline:
+                raise RuntimeError("benchmark: backlog not drained")
+        peak = max(peak, rss_peak_kb(proc.pid))
+    after = claim_ms(dsn)
+    return {
+        "changes": n,
+        "rate": rate_from(times),
+        "peak_rss_mb": peak / 1024,
+        "claim_ms_empty": before,
+        "claim_ms_after": after,
+    }
+
+
+def figure_isolation(bench: Bench) -> dict[str, Any]:
+    n = bench.scale.isolation
+    alone_dsn = bench.fresh()
+    add_webhook(bench, alone_dsn, "healthy", "/healthy-alone")
+    load_backlog(alone_dsn, n)
+    alone, _ = drain(bench, alone_dsn, n, path_filter=lambda p: p == "/healthy-alone")
+    dsn = bench.fresh()
+    add_webhook(bench, dsn, "healthy", "/healthy")
+    add_webhook(bench, dsn, "dead", "/hang", timeout_seconds=30)
+    load_backlog(dsn, n)
+    shared, _ = drain(bench, dsn, n, path_filter=lambda p: p == "/healthy")
+    return {"healthy_alone": alone, "healthy_with_dead_endpoint": shared, "ratio": shared / alone}
+
+
+def figure_fanout(bench: Bench, single: float) -> dict[str, Any]:
+    k = bench.scale.fanout_changes
+    dsn = bench.fresh()
+    for i in range(50):
+        add_webhook(bench, dsn, f"fan{i}", f"/fan{i}")
+    load_backlog(dsn, k)
+    rate, _ = drain(bench, dsn, k * 50, path_filter=lambda p: p.startswith("/fan"))
+    return {
+        "webhooks": 50,
+        "changes": k,
+        "rate": rate,
+        "single_webhook_rate": single,
+        "ratio": rate / single,
+    }
+
+
+# ---------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    pg = subprocess.run(
+        [str((find_bindir() or Path("/usr/bin")) / "postgres"), "--version"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {pg}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def table(r: dict[str, Any]) -> list[str]:
+    w = r["write_path"]
+    t = r["throughput"]
+    lat = r["latency"]
+    rows = [
+        (
+            "1 write path: INSERT tps, dispatcher busy",
+            f"{w['insert_dispatcher_busy']['tps']:.0f}",
+            f"{w['insert_dispatcher_busy']['baseline_tps']:.0f} unwatched",
+            f"{w['insert_dispatcher_busy']['ratio']:.2f}x",
+            ">= 0.75x",
+        ),
+        (
+            "1 write path: UPDATE tps, dispatcher busy",
+            f"{w['update_dispatcher_busy']['tps']:.0f}",
+            f"{w['update_dispatcher_busy']['baseline_tps']:.0f} unwatched",
+            f"{w['update_dispatcher_busy']['ratio']:.2f}x",
+            ">= 0.75x",
+        ),
+        (
+            "1 write path: INSERT tps, dispatcher idle",
+            f"{w['insert_dispatcher_idle']['tps']:.0f}",
+            f"{w['insert_dispatcher_idle']['baseline_tps']:.0f} unwatched",
+            f"{w['insert_dispatcher_idle']['ratio']:.2f}x",
+            "as low as possible",
+        ),
+        (
+            "1 write path: UPDATE tps, dispatcher idle",
+            f"{w['update_dispatcher_idle']['tps']:.0f}",
+            f"{w['update_dispatcher_idle']['baseline_tps']:.0f} unwatched",
+            f"{w['update_dispatcher_idle']['ratio']:.2f}x",
+            "as low as possible",
+        ),
+        (
+            "1 write path: INSERT tps, no dispatcher",
+            f"{w['insert_no_dispatcher']['tps']:.0f}",
+            f"{w['insert_no_dispatcher']['baseline_tps']:.0f} unwatched",
+            f"{w['insert_no_dispatcher']['ratio']:.2f}x",
+            "",
+        ),
+        (
+            "1 100-row INSERT: us added per row",
+            f"{w['multirow_insert']['added_us_per_row']:.1f}",
+            f"{w['multirow_insert']['baseline_us_per_row']:.1f} us/row unwatched",
+            "",
+            "<= 10",
+        ),
+        (
+            "1 100-row UPDATE: us added per row",
+            f"{w['multirow_update']['added_us_per_row']:.1f}",
+            f"{w['multirow_update']['baseline_us_per_row']:.1f} us/row unwatched",
+            "",
+            "",
+        ),
+        (
+            "2 latency at 200/s: p50 / p99 ms",
+            f"{lat['light']['p50_ms']:.1f} / {lat['light']['p99_ms']:.1f}",
+            "",
+            "",
+            "<= 2 / 10",
+        ),
+        (
+            f"2 latency at {lat['half_capacity']['rate']:.0f}/s (half capacity): p50 / p99 ms",
+            f"{lat['half_capacity']['p50_ms']:.1f} / {lat['half_capacity']['p99_ms']:.1f}",
+            "",
+            "",
+            "<= 15 / 60",
+        ),
+        (
+            "3 throughput, 1 process (deliveries/s)",
+            f"{t['processes_1']:.0f}",
+            f"{t['baseline_requests_loop']:.0f} bare requests loop",
+            f"{t['ratio_1_process_to_baseline']:.2f}x",
+            ">= 0.8x",
+        ),
+        (
+            "3 throughput, 2 processes (deliveries/s)",
+            f"{t['processes_2']:.0f}",
+            f"{t['processes_1']:.0f} one process",
+            f"{t['ratio_2_to_1_processes']:.2f}x",
+            ">= 1.5x",
+        ),
+        (
+            f"4 slow receiver (20 ms), {r['slow']['concurrency']} in flight",
+            f"{r['slow']['rate']:.0f}",
+            f"{r['slow']['ideal']:.0f} ideal",
+            f"{r['slow']['ratio']:.2f}x",
+            ">= 0.85x",
+        ),
+        (
+            f"5 backlog of {r['backlog']['changes']}: drain rate",
+            f"{r['backlog']['rate']:.0f}",
+            f"{t['processes_1']:.0f} (figure 3)",
+            f"{r['backlog']['rate'] / t['processes_1']:.2f}x",
+            "",
+        ),
+        (
+            "5 backlog: dispatcher peak RSS (MB)",
+            f"{r['backlog']['peak_rss_mb']:.0f}",
+            "",
+            "",
+            "flat",
+        ),
+        (
+            "5 claim of 200, ms: after backlog",
+            f"{r['backlog']['claim_ms_after']:.1f}",
+            f"{r['backlog']['claim_ms_empty']:.1f} on an empty history",
+            f"{r['backlog']['claim_ms_after'] / r['backlog']['claim_ms_empty']:.2f}x",
+            "",
+        ),
+        (
+            "6 healthy webhook beside a dead endpoint",
+            f"{r['isolation']['healthy_with_dead_endpoint']:.0f}",
+            f"{r['isolation']['healthy_alone']:.0f} alone",
+            f"{r['isolation']['ratio']:.2f}x",
+            ">= 0.9x",
+        ),
+        (
+            "7 fan-out to 50 webhooks (deliveries/s)",
+            f"{r['fanout']['rate']:.0f}",
+            f"{r['fanout']['single_webhook_rate']:.0f} one webhook (figure 3)",
+            f"{r['fanout']['ratio']:.2f}x",
+            "",
+        ),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    head = ("figure", "measured", "baseline (same run)", "ratio", "target")
+    widths = [max(w, len(h)) for w, h in zip(widths, head, strict=True)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument("--dsn", help="superuser DSN of a server to use instead of a throwaway one")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    scale = QUICK if args.quick else FULL
+    started = time.time()
+    bench = Bench(args.dsn, scale)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    try:
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("write_path", lambda: figure_write_path(bench)),
+            ("throughput", lambda: figure_throughput(bench)),
+            ("latency", lambda: figure_latency(bench, results["throughput"]["processes_1"])),
+            ("slow", lambda: figure_slow(bench)),
+            ("backlog", lambda: figure_backlog(bench)),
+            ("isolation", lambda: figure_isolation(bench)),
+            ("fanout", lambda: figure_fanout(bench, results["throughput"]["processes_1"])),
+        ]
+        for name, step in steps:
+            t = time.time()
+            results[name] = step()
+            print(f"# {name}: done in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+    finally:
+        bench.close()
+    results["seconds"] = time.time() - started
+    print(
+        f"Danbyte Webhooks benchmark{' (--quick: smoke run)' if args.quick else ''}, "
+        f"{results['date']}, {results['machine']}"
+    )
+    print("\n".join(table(results)))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
