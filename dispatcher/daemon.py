@@ -118,7 +118,7 @@ class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ident = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.sender = Sender(proxy=settings.proxy, pool_size=settings.per_webhook_concurrency)
+        self.sender = Sender(proxy=settings.proxy)
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sender")
         self.results: SimpleQueue[Outcome] = SimpleQueue()
         self.in_flight: dict[int, int] = defaultdict(int)
@@ -161,11 +161,12 @@ class Dispatcher:
             self.stopping = True
             self._poke()
         else:
-            log.warning(
-                "second signal: exiting now; leased deliveries are retried "
-                "after their lease expires"
+            # No logging here: the interrupted code may hold the logging lock.
+            os.write(
+                2,
+                b"second signal: exiting now; deliveries in flight are sent again "
+                b"once their lease expires\n",
             )
-            logging.shutdown()
             os._exit(1)
 
     def _wait(self, timeout: float) -> None:
@@ -242,6 +243,8 @@ class Dispatcher:
     def _log_outcome(self, outcome: Outcome) -> None:
         job = outcome.job
         level = logging.INFO if outcome.ok else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
         log.log(
             level,
             "delivery %s webhook=%s event=%s object=%s:%s attempt=%d status=%s duration=%.1fms%s",

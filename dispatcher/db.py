@@ -48,7 +48,9 @@ def connect(dsn: str, *, application_name: str = "danbyte-webhooks") -> psycopg.
             dsn,
             autocommit=True,
             application_name=application_name,
-            options="-c TimeZone=UTC",
+            # UTC timestamps in payloads; no JIT: these are short OLTP queries whose
+            # row estimates can look big enough to pay 50+ ms of compiling each time.
+            options="-c TimeZone=UTC -c jit=off",
             keepalives=1,
             keepalives_idle=10,
             keepalives_interval=5,

@@ -73,8 +73,6 @@ def _prepared_url(method: str, url: str) -> requests.PreparedRequest:
     request = requests.PreparedRequest()
     request.prepare_method(method)
     request.prepare_url(url, None)
-    request.prepare_cookies(None)  # requests reads these when it meets a redirect
-    request.prepare_hooks(None)
     return request
 
 
@@ -178,29 +176,26 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class Sender:
-    """Sends jobs with one keep-alive ``requests.Session`` per thread.
+    """Sends jobs over keep-alive connections, one ``requests`` HTTPAdapter per thread.
 
-    Proxies come only from ``proxy`` (never from the environment), redirects
-    are never followed, and every request has the job's timeout.
+    The adapter is ``requests``' transport without the Session layer (cookies,
+    hooks, redirect handling, environment settings), none of which a webhook
+    needs: proxies come only from ``proxy`` (never from the environment),
+    redirects are never followed, and every request has the job's timeout.
     """
 
-    def __init__(self, *, proxy: str | None = None, pool_size: int = 16) -> None:
+    def __init__(self, *, proxy: str | None = None) -> None:
         self._proxies = {"http": proxy, "https": proxy} if proxy else {}
-        self._pool_size = pool_size
         self._local = threading.local()
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # no proxies or .netrc from the environment
-            adapter = HTTPAdapter(
-                pool_connections=self._pool_size, pool_maxsize=self._pool_size, max_retries=0
-            )
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._local.session = session
-        return session
+    def _adapter(self) -> HTTPAdapter:
+        adapter = getattr(self._local, "adapter", None)
+        if adapter is None:
+            # One request at a time per thread, to many hosts: keep a connection
+            # to each of up to 256 hosts; retry nothing (retries are ours to decide).
+            adapter = HTTPAdapter(pool_connections=256, pool_maxsize=1, max_retries=0)
+            self._local.adapter = adapter
+        return adapter
 
     @staticmethod
     def headers(job: Job) -> tuple[dict[str, str], dict[str, str]]:
@@ -228,14 +223,14 @@ class Sender:
             request = _prepared_url(job.method, job.url).copy()
             request.prepare_headers(headers)
             request.prepare_body(job.body, None)
-            response = self._session().send(
+            response = self._adapter().send(
                 request,
+                stream=True,
                 timeout=job.timeout,
                 verify=job.verify_tls,
-                allow_redirects=False,
-                stream=True,
                 proxies=self._proxies,
             )
+            raw = b""
             try:
                 raw = response.raw.read(RESPONSE_BODY_LIMIT + 1, decode_content=True) or b""
             finally:

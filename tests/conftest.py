@@ -205,7 +205,9 @@ def tls_receiver(tls_cert: tuple[str, str]) -> Iterator[Receiver]:
 class Daemon:
     """``danbyte-webhooks run`` as a real subprocess."""
 
-    def __init__(self, dsn: str, log_path: Path, *args: str) -> None:
+    def __init__(
+        self, dsn: str, log_path: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -225,6 +227,7 @@ class Daemon:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=str(ROOT),
+            env={**os.environ, **(env or {})},
         )
 
     def output(self) -> str:
@@ -248,8 +251,8 @@ def daemon(database: Database, tmp_path: Path) -> Iterator[Callable[..., Daemon]
     """Start dispatcher subprocesses on the test database; all are killed at the end."""
     started: list[Daemon] = []
 
-    def start(*args: str, dsn: str | None = None) -> Daemon:
-        d = Daemon(dsn or database.dsn, tmp_path / f"daemon{len(started)}.log", *args)
+    def start(*args: str, dsn: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(dsn or database.dsn, tmp_path / f"daemon{len(started)}.log", *args, env=env)
         started.append(d)
         return d
 

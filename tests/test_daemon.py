@@ -402,3 +402,24 @@ def test_body_is_json_with_documented_keys(orders, receiver: Receiver, daemon) -
         "data",
         "snapshots",
     ]
+
+
+def test_json_logs_and_no_proxy_from_the_environment(orders, receiver: Receiver, daemon) -> None:
+    conn = orders
+    add_webhook(conn, "w", receiver.url("/w"), secret=SECRET)
+    # A proxy in the environment that would swallow every request: ignored.
+    d = daemon(
+        "--log-format",
+        "json",
+        env={"HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"},
+    )
+    conn.execute("INSERT INTO orders VALUES (1, 1, 'x')")
+    (req,) = receiver.wait_for(1)
+    wait_final(conn, 1)
+    wait_until(lambda: "delivery " in d.output(), 10, "the delivery log line")
+    lines = [json.loads(line) for line in d.output().splitlines() if line.startswith("{")]
+    (entry,) = [e for e in lines if e.get("delivery_id") == req.headers["X-Danbyte-Delivery"]]
+    assert entry["level"] == "info" and entry["webhook"] == "w" and entry["status_code"] == 200
+    assert entry["event"] == "create" and entry["object_id"] == 1
+    assert SECRET not in d.output()
+    assert req.headers["X-Danbyte-Signature"][7:30] not in d.output()

@@ -700,6 +700,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
+    # SIGTERM unwinds like Ctrl-C, so the throwaway cluster is stopped and removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
     bench = Bench(args.dsn, scale)
     results: dict[str, Any] = {
