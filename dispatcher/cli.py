@@ -220,10 +220,11 @@ def _env(name: str) -> dict[str, Any]:
 )
 @click.option(
     "--poll-interval",
-    type=click.FloatRange(0.05, 3600),
+    type=click.FloatRange(0.05, 30),
     default=5.0,
     **_env("POLL_INTERVAL"),
-    help="Seconds between sweeps when no notification comes.",
+    help="Seconds between sweeps and heartbeats (at most 30: writers only wake a dispatcher "
+    "whose heartbeat is under a minute old).",
 )
 @click.option(
     "--lease-time",

@@ -6,6 +6,8 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +104,35 @@ def test_demo_shows_three_verified_deliveries() -> None:
         assert f"received {event} (delivery " in out.stdout
     assert "3 of 3 deliveries arrived signed and verified" in out.stdout
     assert len(re.findall(r"succeeded HTTP 200", out.stdout)) == 3
+
+
+def test_demo_keep_runs_until_ctrl_c_then_cleans_up() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", "demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("press Ctrl-C"):
+            break
+    text = "".join(lines)
+    assert "still running" in text and "psql " in text, text
+    port = re.search(r"port=(\d+)", text)
+    assert port is not None
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "cleaning up" in rest
+    # the throwaway server is gone
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(port.group(1)))) != 0
 
 
 def test_demo_on_an_existing_database_removes_what_it_created(empty_database: Database) -> None:
