@@ -128,14 +128,14 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _keep_running(dsn: str, fresh: bool, alive: Callable[[], bool]) -> None:
-    click.echo("")
-    click.echo("still running: make your own changes and watch them arrive, e.g.")
-    click.echo(
-        f'  psql {json.dumps(dsn)} -c "INSERT INTO {SCHEMA}.orders '
-        "VALUES (2, 'Grace', 10, 'new')\""
-    )
-    click.echo("press Ctrl-C to stop" + (" and remove the throwaway database" if fresh else ""))
-    try:
+    try:  # before the instructions: Ctrl-C may come as soon as they are printed
+        click.echo("")
+        click.echo("still running: make your own changes and watch them arrive, e.g.")
+        click.echo(
+            f'  psql {json.dumps(dsn)} -c "INSERT INTO {SCHEMA}.orders '
+            "VALUES (2, 'Grace', 10, 'new')\""
+        )
+        click.echo("press Ctrl-C to stop" + (" and remove the throwaway database" if fresh else ""))
         while alive():
             time.sleep(0.5)
         click.echo("the dispatcher exited")
