@@ -230,14 +230,15 @@ class Sender:
                 verify=job.verify_tls,
                 proxies=self._proxies,
             )
-            raw = b""
+            complete = False
             try:
                 raw = response.raw.read(RESPONSE_BODY_LIMIT + 1, decode_content=True) or b""
+                complete = len(raw) <= RESPONSE_BODY_LIMIT
             finally:
-                if len(raw) > RESPONSE_BODY_LIMIT:
-                    response.close()  # do not drain a huge body: drop the connection
+                if complete:
+                    response.raw.release_conn()  # body fully read: reuse the connection
                 else:
-                    response.raw.release_conn()  # body fully read: keep the connection
+                    response.close()  # a huge body, or a failed read: drop the connection
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             return Outcome(
                 job=job,

@@ -142,39 +142,7 @@ class TempCluster:
             )
         return result
 
-    def start(self) -> TempCluster:
-        """Start the server on a free port (retrying if the port is taken)."""
-        last_error: Exception | None = None
-        for _ in range(5):
-            self.port = free_port()
-            opts = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
-            try:
-                self._run(
-                    [
-                        str(self.bindir / "pg_ctl"),
-                        "-D",
-                        str(self.datadir),
-                        "-l",
-                        str(self.logfile),
-                        "-o",
-                        f"-p {self.port} {opts}",
-                        "-w",
-                        "-t",
-                        "60",
-                        "start",
-                    ]
-                )
-                return self
-            except RuntimeError as exc:
-                last_error = exc
-                time.sleep(0.2)
-        raise RuntimeError(f"could not start PostgreSQL: {last_error}; see {self.logfile}")
-
-    def restart(self) -> None:
-        """Stop (fast) and start again on the same port: clients lose their connections."""
-        self._run(
-            [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"]
-        )
+    def _start_server(self) -> None:
         opts = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
         self._run(
             [
@@ -186,9 +154,31 @@ class TempCluster:
                 "-o",
                 f"-p {self.port} {opts}",
                 "-w",
+                "-t",
+                "60",
                 "start",
             ]
         )
+
+    def start(self) -> TempCluster:
+        """Start the server on a free port (retrying if the port is taken)."""
+        last_error: Exception | None = None
+        for _ in range(5):
+            self.port = free_port()
+            try:
+                self._start_server()
+                return self
+            except RuntimeError as exc:
+                last_error = exc
+                time.sleep(0.2)
+        raise RuntimeError(f"could not start PostgreSQL: {last_error}; see {self.logfile}")
+
+    def restart(self) -> None:
+        """Stop (fast) and start again on the same port: clients lose their connections."""
+        self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"]
+        )
+        self._start_server()
 
     def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
         """A libpq connection string for a database of this cluster."""

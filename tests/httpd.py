@@ -7,6 +7,7 @@ The path picks the behaviour:
   /close             close the connection without answering
   /hang              accept, read, never answer (until the server stops)
   /slow/<ms>         answer 200 after <ms> milliseconds
+  /big               answer 200 with a 1 MB body
   anything else      answer 200 with a small JSON body
 """
 
@@ -88,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "hang":
             srv.stopped.wait()
             self.close_connection = True
+        elif kind == "big":
+            self._answer(200, {"Content-Type": "text/plain"}, b"x" * 1_000_000)
         elif kind == "slow":
             time.sleep(int(parts[1]) / 1000.0)
             self._answer(200)

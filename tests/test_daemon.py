@@ -423,3 +423,21 @@ def test_json_logs_and_no_proxy_from_the_environment(orders, receiver: Receiver,
     assert entry["event"] == "create" and entry["object_id"] == 1
     assert SECRET not in d.output()
     assert req.headers["X-Danbyte-Signature"][7:30] not in d.output()
+
+
+def test_a_huge_response_is_cut_and_the_next_delivery_still_works(
+    orders, receiver: Receiver, daemon
+) -> None:
+    conn = orders
+    add_webhook(conn, "big", receiver.url("/big"), triggers=["create"])
+    add_webhook(conn, "after", receiver.url("/after"), triggers=["update"])
+    daemon("--workers", "1")
+    conn.execute("INSERT INTO orders VALUES (1, 1, 'x')")
+    wait_final(conn, 1)
+    conn.execute("UPDATE orders SET total = 2")
+    wait_final(conn, 2)
+    rows = conn.execute(
+        "SELECT webhook_name, outcome, status_code, length(response_body) "
+        "FROM webhooks.delivery_log ORDER BY attempted_at"
+    ).fetchall()
+    assert rows == [("big", "succeeded", 200, 4096), ("after", "succeeded", 200, 12)]
