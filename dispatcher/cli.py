@@ -8,7 +8,8 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
@@ -55,6 +56,14 @@ def json_option(f: F) -> F:
 
 def _connect(dsn: str) -> psycopg.Connection:
     return db.connect(dsn, application_name="danbyte-webhooks cli")
+
+
+@contextmanager
+def _database(dsn: str) -> Iterator[psycopg.Connection]:
+    """A connection to a database with our schema installed (else a clear error)."""
+    with _connect(dsn) as conn:
+        db.require_schema(conn)
+        yield conn
 
 
 def _print_json(data: Any) -> None:
@@ -155,8 +164,7 @@ def watch_cmd(dsn: str, table: str, object_type: str | None) -> None:
 
         danbyte-webhooks watch public.orders --dsn ...
     """
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         ot = db.watch(conn, table, object_type)
     click.echo(f"watching {table} as object type {ot}")
 
@@ -166,8 +174,7 @@ def watch_cmd(dsn: str, table: str, object_type: str | None) -> None:
 @click.argument("table")
 def unwatch_cmd(dsn: str, table: str) -> None:
     """Stop capturing changes of TABLE. Example: danbyte-webhooks unwatch public.orders"""
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         removed = db.unwatch(conn, table)
     click.echo(f"stopped watching {table}" if removed else f"{table} was not watched")
 
@@ -177,8 +184,7 @@ def unwatch_cmd(dsn: str, table: str) -> None:
 @json_option
 def watched_cmd(dsn: str, as_json: bool) -> None:
     """List watched tables and their object types. Example: danbyte-webhooks watched --json"""
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         rows = db.watched(conn)
     if as_json:
         _print_json(rows)
@@ -303,8 +309,8 @@ def run(**options: Any) -> None:
 
     settings = Settings(**options)
     setup_logging(settings.log_level, settings.log_format)
-    with _connect(settings.dsn) as conn:
-        db.require_schema(conn)
+    with _database(settings.dsn):  # fail fast, and clearly, if unreachable or not migrated
+        pass
     sys.exit(Dispatcher(settings).run())
 
 
@@ -511,8 +517,7 @@ def webhook_add(dsn: str, **o: Any) -> None:
     fields["name"] = o["name"]
     if o["disabled"]:
         fields["enabled"] = False
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         if o["if_not_exists"] and db.list_webhooks(conn, o["name"]):
             click.echo(f"webhook {o['name']} exists already: left unchanged")
             return
@@ -534,8 +539,7 @@ def webhook_update(dsn: str, name: str, **o: Any) -> None:
       danbyte-webhooks webhook update orders --trigger delete --clear-secret --dsn ...
     """
     fields, generated = _fields(o)
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         db.update_webhook(conn, name, fields)
     click.echo(f"updated webhook {fields.get('name', name)}")
     if generated:
@@ -543,8 +547,7 @@ def webhook_update(dsn: str, name: str, **o: Any) -> None:
 
 
 def _set_enabled(dsn: str, name: str, enabled: bool) -> None:
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         db.update_webhook(conn, name, {"enabled": enabled})
     click.echo(f"{'enabled' if enabled else 'disabled'} webhook {name}")
 
@@ -570,8 +573,7 @@ def webhook_disable(dsn: str, name: str) -> None:
 @click.argument("name")
 def webhook_delete(dsn: str, name: str) -> None:
     """Delete a webhook; its delivery log stays. Example: webhook delete orders"""
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         db.delete_webhook(conn, name)
     click.echo(f"deleted webhook {name}")
 
@@ -593,8 +595,7 @@ WEBHOOK_COLUMNS = [
 @json_option
 def webhook_list(dsn: str, as_json: bool) -> None:
     """List webhooks (secrets show only as yes/no). Example: danbyte-webhooks webhook list"""
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         rows = db.list_webhooks(conn)
     if as_json:
         _print_json(rows)
@@ -614,8 +615,7 @@ def webhook_list(dsn: str, as_json: bool) -> None:
 @click.argument("name")
 def webhook_show(dsn: str, name: str, as_json: bool) -> None:
     """Show one webhook in full (except the secret). Example: webhook show orders"""
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         row = db.get_webhook(conn, name)
     if as_json:
         _print_json(row)
@@ -655,8 +655,7 @@ def webhook_test(dsn: str, name: str, wait: float) -> None:
 
         danbyte-webhooks webhook test orders --dsn ...
     """
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         if db.can_read_secrets(conn):
             me = f"cli:{socket.gethostname()}:{os.getpid()}"
             job = db.begin_test(conn, name, me, default_timeout=10.0)
@@ -704,8 +703,7 @@ def changelog_cmd(dsn: str, as_json: bool, webhook_name: str | None, limit: int)
     Secrets never appear: only whether one is set and whether it changed.
     Example: danbyte-webhooks changelog --webhook orders --limit 10
     """
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         rows = db.changelog(conn, webhook_name, limit)
     if as_json:
         _print_json(rows)
@@ -794,8 +792,7 @@ def deliveries(
         return
     if not dsn:
         raise UserError("--dsn is required (or set DANBYTE_DSN)")
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         rows = db.deliveries(conn, webhook=webhook_name, status=status, since=since, limit=limit)
     if as_json:
         _print_json(rows)
@@ -818,8 +815,7 @@ def deliveries_redeliver(dsn: str, webhook_name: str | None, status: str, since:
 
     Example: danbyte-webhooks deliveries redeliver --webhook orders --status failed --since 2h
     """
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         n = db.redeliver_many(conn, webhook_name, status, since)
     click.echo(f"queued {n} deliveries again")
 
@@ -838,8 +834,7 @@ def delivery_show(dsn: str, delivery_id: str, as_json: bool) -> None:
 
     Example: danbyte-webhooks delivery show 0f9c...-...
     """
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         d = db.delivery_detail(conn, delivery_id)
     if as_json:
         _print_json(d)
@@ -876,8 +871,7 @@ def delivery_redeliver(dsn: str, delivery_id: str) -> None:
 
     Example: danbyte-webhooks delivery redeliver 0f9c...-...
     """
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         queued = db.redeliver(conn, delivery_id)
     click.echo(
         f"queued delivery {delivery_id} again"
@@ -902,8 +896,7 @@ def cleanup(dsn: str, older_than: float, dry_run: bool) -> None:
     The daemon does this on its own every few minutes with --retention.
     Example: danbyte-webhooks cleanup --older-than 3d --dry-run
     """
-    with _connect(dsn) as conn:
-        db.require_schema(conn)
+    with _database(dsn) as conn:
         r = db.cleanup(conn, older_than, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {r.deliveries} deliveries, {r.attempts} attempts and {r.changes} changes")
@@ -927,16 +920,14 @@ def status(dsn: str, as_json: bool, max_backlog_age: float) -> None:
     """
     problems: list[str] = []
     try:
-        conn = _connect(dsn)
-    except UserError as exc:
+        with _database(dsn) as conn:
+            s = db.status(conn)
+    except UserError as exc:  # unreachable, or no schema: unhealthy, said the same way
         if as_json:
             _print_json({"healthy": False, "problems": [str(exc)]})
         else:
             click.echo(f"unhealthy: {exc}")
         sys.exit(1)
-    with conn:
-        db.require_schema(conn)
-        s = db.status(conn)
     latest = db.migrations()[-1].version
     if s["schema_version"] != latest:
         problems.append(

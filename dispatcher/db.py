@@ -604,7 +604,11 @@ class friendly_errors:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         if exc is None or not isinstance(exc, psycopg.DatabaseError):
             return False
-        if isinstance(exc, psycopg.OperationalError):
+        # Lost connections, shutdowns and resource exhaustion are not the
+        # user's input; other refusals (class 55 included) are.
+        if isinstance(exc, psycopg.OperationalError) and (
+            exc.sqlstate is None or exc.sqlstate[:2] in ("08", "53", "57", "58")
+        ):
             return False
         diag = exc.diag
         message = diag.message_primary or one_line(exc)

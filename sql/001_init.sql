@@ -595,12 +595,14 @@ BEGIN
 END
 $fn$;
 
--- Resend a delivery with the same delivery id; returns false if it is
--- pending or being sent already.
+-- Resend a finished delivery with the same delivery id; returns false if it
+-- is pending or being sent already. A disabled webhook sends nothing, so
+-- redelivering to one is refused rather than left waiting forever.
 CREATE FUNCTION webhooks.redeliver(delivery_id uuid) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     d record;
+    w record;
 BEGIN
     SELECT * INTO d FROM webhooks.delivery WHERE id = redeliver.delivery_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -609,14 +611,18 @@ BEGIN
     IF d.state IN ('pending', 'sending') THEN
         RETURN false;
     END IF;
-    IF NOT EXISTS (SELECT FROM webhooks.webhook w WHERE w.id = d.webhook_id) THEN
+    SELECT * INTO w FROM webhooks.webhook WHERE id = d.webhook_id;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'delivery % cannot be redelivered: its webhook was deleted', d.id
             USING ERRCODE = 'no_data_found';
     END IF;
+    IF NOT w.enabled AND NOT d.is_test THEN
+        RAISE EXCEPTION 'delivery % cannot be redelivered: webhook "%" is disabled (enable it first)',
+            d.id, w.name USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     UPDATE webhooks.delivery
        SET state = 'pending', due_at = now(), finished_at = NULL,
-           max_attempts = d.attempts + coalesce((SELECT w.max_attempts FROM webhooks.webhook w
-                                                  WHERE w.id = d.webhook_id), 1)
+           max_attempts = d.attempts + w.max_attempts
      WHERE id = d.id;
     PERFORM pg_notify('danbyte_webhooks', '');
     RETURN true;

@@ -16,38 +16,6 @@ IF EXISTS (SELECT FROM webhooks.schema_version WHERE version = '002') THEN
     RETURN;
 END IF;
 
--- A disabled webhook sends nothing, so redelivering to it would wait forever.
-CREATE OR REPLACE FUNCTION webhooks.redeliver(delivery_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    d record;
-    w record;
-BEGIN
-    SELECT * INTO d FROM webhooks.delivery WHERE id = redeliver.delivery_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no delivery with id %', redeliver.delivery_id USING ERRCODE = 'no_data_found';
-    END IF;
-    IF d.state IN ('pending', 'sending') THEN
-        RETURN false;
-    END IF;
-    SELECT * INTO w FROM webhooks.webhook WHERE id = d.webhook_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'delivery % cannot be redelivered: its webhook was deleted', d.id
-            USING ERRCODE = 'no_data_found';
-    END IF;
-    IF NOT w.enabled AND NOT d.is_test THEN
-        RAISE EXCEPTION 'delivery % cannot be redelivered: webhook "%" is disabled (enable it first)',
-            d.id, w.name USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
-    UPDATE webhooks.delivery
-       SET state = 'pending', due_at = now(), finished_at = NULL,
-           max_attempts = d.attempts + w.max_attempts
-     WHERE id = d.id;
-    PERFORM pg_notify('danbyte_webhooks', '');
-    RETURN true;
-END
-$fn$;
-
 -- Redeliver every delivery of a webhook (NULL: of every enabled webhook) in
 -- a final state that finished within `since`; returns how many were queued.
 CREATE FUNCTION webhooks.redeliver(webhook_name text, state text DEFAULT 'failed',

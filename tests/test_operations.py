@@ -280,3 +280,17 @@ def test_status_exit_codes(orders, receiver: Receiver, daemon, cli: Cli) -> None
     assert row == (1, True)
     unreachable = Cli("host=127.0.0.1 port=1 dbname=x user=x").fails("status")
     assert unreachable.startswith("unhealthy: cannot connect to the database:")
+
+
+def test_redeliver_refuses_a_disabled_webhook(conn: psycopg.Connection, cli: Cli) -> None:
+    db.add_webhook(conn, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
+    row = conn.execute(
+        "INSERT INTO webhooks.delivery (webhook_id, webhook_name, event, state, finished_at) "
+        "SELECT id, name, 'create', 'failed', now() FROM webhooks.webhook RETURNING id::text"
+    ).fetchone()
+    assert row is not None
+    db.update_webhook(conn, "w", {"enabled": False})
+    assert cli.fails("delivery", "redeliver", row[0]) == (
+        f'Error: delivery {row[0]} cannot be redelivered: webhook "w" is disabled (enable it first)'
+    )
+    assert conn.execute("SELECT state FROM webhooks.delivery").fetchone() == ("failed",)
