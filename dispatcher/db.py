@@ -111,15 +111,26 @@ def migrate(conn: psycopg.Connection) -> list[Migration]:
     """
     done = applied_versions(conn)
     applied = []
-    for mig in migrations():
-        if mig.version in done:
-            continue
-        before = applied_versions(conn)
-        # No parameters: psycopg sends the file with the simple query
-        # protocol, which runs its several statements in order.
-        conn.execute(mig.text())  # type: ignore[arg-type]
-        if mig.version not in before:
-            applied.append(mig)
+    notices: list[str] = []
+
+    def collect(diag: psycopg.errors.Diagnostic) -> None:
+        notices.append(diag.message_primary or "")
+
+    conn.add_notice_handler(collect)
+    try:
+        for mig in migrations():
+            if mig.version in done:
+                continue
+            notices.clear()
+            # No parameters: psycopg sends the file with the simple query
+            # protocol, which runs its several statements in order.
+            conn.execute(mig.text())  # type: ignore[arg-type]
+            # A run that waited on the lock for another one finds the version
+            # recorded and says so in a notice: it applied nothing.
+            if not any("already applied" in n for n in notices):
+                applied.append(mig)
+    finally:
+        conn.remove_notice_handler(collect)
     return applied
 
 
@@ -624,10 +635,14 @@ class friendly_errors:
         raise UserError(message) from None
 
 
-def _assignments(fields: dict[str, Any]) -> sql.Composed:
+def _check_fields(fields: dict[str, Any]) -> None:
     unknown = set(fields) - set(WEBHOOK_FIELDS)
     if unknown:
         raise ValueError(f"not webhook fields: {sorted(unknown)}")
+
+
+def _assignments(fields: dict[str, Any]) -> sql.Composed:
+    _check_fields(fields)
     return sql.SQL(", ").join(
         sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in fields
     )
@@ -635,7 +650,7 @@ def _assignments(fields: dict[str, Any]) -> sql.Composed:
 
 def add_webhook(conn: psycopg.Connection, fields: dict[str, Any]) -> int:
     """Insert a webhook; return its id. Constraint failures become :class:`UserError`."""
-    _assignments(fields)  # rejects unknown fields
+    _check_fields(fields)
     query = sql.SQL("INSERT INTO webhooks.webhook ({}) VALUES ({}) RETURNING id").format(
         sql.SQL(", ").join(sql.Identifier(k) for k in fields),
         sql.SQL(", ").join(sql.Placeholder(k) for k in fields),

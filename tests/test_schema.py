@@ -84,11 +84,12 @@ def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Databa
 
 def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
     errors: list[BaseException] = []
+    reported: list[str] = []
 
     def run() -> None:
         try:
             with empty_database.connect() as c:
-                db.migrate(c)
+                reported.extend(m.version for m in db.migrate(c))
         except BaseException as exc:
             errors.append(exc)
 
@@ -98,6 +99,8 @@ def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
     for t in threads:
         t.join(60)
     assert not errors
+    # each migration is reported applied by exactly one of the four runs
+    assert sorted(reported) == ["001", "002"]
     with empty_database.connect() as c:
         assert c.execute("SELECT version FROM webhooks.schema_version ORDER BY 1").fetchall() == [
             ("001",),
