@@ -1,17 +1,20 @@
 """The dispatcher daemon: ``danbyte-webhooks run``.
 
 One main thread owns the work connection and does all the SQL (fan-out,
-claim, write-back, heartbeat); a pool of sender threads does the HTTP; a
-listener thread owns the LISTEN connection. The main thread sleeps on a
-self-pipe that three sources write to: a notification (or a listener
-reconnect), a finished request, and a signal. A poll timeout is the fourth,
-backstop, source.
+claim, write-back, heartbeat); sender threads do the HTTP, taking claimed jobs
+from a local queue (:mod:`dispatcher.scheduler`) that the main thread keeps
+filled a little ahead of them; a listener thread owns the LISTEN connection.
+The main thread sleeps on a self-pipe that three sources write to: a
+notification (or a listener reconnect), a finished request, and a signal. A
+poll timeout is the fourth, backstop, source.
 
 Idle protocol (to keep NOTIFY off the application's write path): when a check
-of the queue finds nothing, the dispatcher marks itself idle in
+of the queue finds at most one new change, the dispatcher marks itself idle in
 ``webhooks.dispatcher`` and checks once more; the capture triggers only NOTIFY
-while some live dispatcher is idle. When a check finds work it clears the
-flag, so a busy dispatcher costs the writers no NOTIFY at all.
+while some live dispatcher is idle. When a check finds several changes (they
+arrive faster than it is woken for them) it clears the flag and polls, so a
+busy dispatcher costs the writers no NOTIFY at all, and a lightly loaded one
+is woken by each change at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from queue import Empty, SimpleQueue
 from select import select
@@ -38,6 +40,7 @@ from dispatcher.config import Settings
 from dispatcher.delivery import Job, Outcome, Sender
 from dispatcher.errors import UserError
 from dispatcher.retry import decide
+from dispatcher.scheduler import Scheduler, start_senders
 
 log = logging.getLogger("danbyte.dispatcher")
 
@@ -45,6 +48,14 @@ log = logging.getLogger("danbyte.dispatcher")
 WRITE_BACK_DELAY = 0.005
 #: Reconnect backoff is capped so delivery resumes within seconds of recovery.
 MAX_BACKOFF = 5.0
+#: A turn that finds this many new changes switches from being woken by the
+#: writers' NOTIFY to polling every --busy-poll-interval; a turn that finds at
+#: most one switches back.
+DISARM_AT = 4
+#: Claim up to this many times what can be sent at once (overall and per
+#: webhook), so a sender that finishes starts its next job at once and each
+#: turn claims a bigger batch.
+PREFETCH = 2
 
 
 class Listener(threading.Thread):
@@ -119,10 +130,12 @@ class Dispatcher:
         self.settings = settings
         self.ident = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.sender = Sender(proxy=settings.proxy)
-        self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="sender")
+        self.scheduler = Scheduler(settings.per_webhook_concurrency)
+        self.capacity = PREFETCH * settings.workers
         self.results: SimpleQueue[Outcome] = SimpleQueue()
-        self.in_flight: dict[int, int] = defaultdict(int)
-        self.futures: dict[str, tuple[Future[None], Job]] = {}  # by delivery id
+        self.expired: SimpleQueue[Job] = SimpleQueue()  # taken too late to send
+        self.in_flight: dict[int, int] = defaultdict(int)  # claimed, per webhook
+        self.claimed: dict[str, Job] = {}  # by delivery id, until recorded or released
         self.conn: psycopg.Connection | None = None
         self.listener = Listener(settings.dsn, self._on_wake)
         self._rfd, self._wfd = os.pipe()
@@ -184,6 +197,12 @@ class Dispatcher:
     # -- sending (sender threads) ---------------------------------------------
 
     def _send(self, job: Job) -> None:
+        if time.monotonic() > job.send_by:
+            # Waited so long in the local queue that the lease would run out
+            # mid-request: give it back unsent rather than risk a duplicate.
+            self.expired.put(job)
+            self._poke()
+            return
         try:
             outcome = self.sender.send(job)
         except Exception as exc:  # a bug must not lose the delivery: record it as failed
@@ -222,23 +241,46 @@ class Dispatcher:
                 pass
         self.conn = None
 
+    def _forget(self, job: Job) -> None:
+        self.claimed.pop(job.delivery_id, None)
+        self.in_flight[job.webhook_id] -= 1
+        if self.in_flight[job.webhook_id] <= 0:
+            del self.in_flight[job.webhook_id]
+        self.freed = True
+
     def _collect(self) -> None:
-        """Move finished requests from the queue into ``pending`` and free their slots."""
+        """Move finished requests into ``pending``, give back expired jobs, free their room."""
         while True:
             try:
                 outcome = self.results.get_nowait()
             except Empty:
-                return
+                break
             if self.first_result_at is None:
                 self.first_result_at = time.monotonic()
             self.pending.append(outcome)
-            job = outcome.job
-            self.futures.pop(job.delivery_id, None)
-            self.in_flight[job.webhook_id] -= 1
-            if self.in_flight[job.webhook_id] <= 0:
-                del self.in_flight[job.webhook_id]
-            self.freed = True
+            self._forget(outcome.job)
             self._log_outcome(outcome)
+        expired: list[Job] = []
+        while True:
+            try:
+                expired.append(self.expired.get_nowait())
+            except Empty:
+                break
+        if expired:
+            log.warning(
+                "%d claimed deliveries waited too long for a free sender: given back unsent",
+                len(expired),
+            )
+            self._release(expired)
+
+    def _release(self, jobs: list[Job]) -> None:
+        """Give back claimed jobs that were never sent (else their leases expire)."""
+        for job in jobs:
+            self._forget(job)
+        try:
+            db.release(self._connection(), self.ident, [j.delivery_id for j in jobs])
+        except (psycopg.OperationalError, UserError):
+            pass  # their leases expire instead
 
     def _log_outcome(self, outcome: Outcome) -> None:
         job = outcome.job
@@ -283,7 +325,7 @@ class Dispatcher:
 
     def _look_due(self, now: float) -> bool:
         """Whether to look for new changes and deliveries now."""
-        if self.stopping or len(self.futures) >= self.settings.workers:
+        if self.stopping or len(self.claimed) >= self.capacity:
             return False
         if self._notified.is_set():
             self._notified.clear()
@@ -343,14 +385,14 @@ class Dispatcher:
             return
         s = self.settings
         results = [(o, decide(o, base=s.retry_base)) for o in self.pending] if write else []
-        room = min(s.workers - len(self.futures), s.batch_size) if look else 0
+        room = min(self.capacity - len(self.claimed), s.batch_size) if look else 0
         found = db.cycle(
             self._connection(),
             me=self.ident,
             results=results,
             fan_out_limit=s.batch_size if look else 0,
             claim_limit=room,
-            per_webhook=s.per_webhook_concurrency,
+            per_webhook=PREFETCH * s.per_webhook_concurrency,
             in_flight=self.in_flight,
             lease=s.lease_time,
             default_timeout=s.default_timeout,
@@ -369,15 +411,19 @@ class Dispatcher:
         self.recheck = self.freed = False
         for job in found.jobs:
             self.in_flight[job.webhook_id] += 1
-            self.futures[job.delivery_id] = (self.executor.submit(self._send, job), job)
+            self.claimed[job.delivery_id] = job
+        self.scheduler.add(found.jobs)
         self.more = found.changes >= s.batch_size or (room > 0 and len(found.jobs) >= room)
-        if found.changes or found.jobs:
+        if found.changes >= DISARM_AT or self.more:
+            # Changes arrive faster than one per turn: stop the writers'
+            # NOTIFYs (they serialise commits) and poll instead.
             if self.armed:
                 db.heartbeat(self._connection(), self.ident, idle=False)
                 self.armed = False
-        elif not self.armed:
-            # Nothing to do: ask the triggers to wake us, then look once more
-            # for a change that committed before the flag was visible.
+        elif found.changes <= 1 and not self.armed:
+            # Little or nothing to do: ask the triggers to wake us (a light
+            # load stays armed, each change waking us at once), then look once
+            # more for a change that committed before the flag was visible.
             db.heartbeat(self._connection(), self.ident, idle=True)
             self.armed = True
             self.recheck = True
@@ -391,7 +437,7 @@ class Dispatcher:
             timeout = min(
                 timeout, max(0.0, self.last_look + self.settings.busy_poll_interval - now)
             )
-        if (self.recheck or self.more) and len(self.futures) < self.settings.workers:
+        if (self.recheck or self.more) and len(self.claimed) < self.capacity:
             timeout = 0.0
         return timeout
 
@@ -408,6 +454,7 @@ class Dispatcher:
             self.settings.workers,
         )
         self.listener.start()
+        start_senders(self.settings.workers, self.scheduler, self._send)
         backoff = 0.1
         while True:
             if self.stopping and (self._drained() or self._shutdown_expired()):
@@ -436,21 +483,16 @@ class Dispatcher:
             log.info(
                 "stopping: finishing %d requests in flight (up to %.0fs); "
                 "signal again to quit at once",
-                len(self.futures),
+                len(self.claimed) - self.scheduler.queued,
                 self.settings.shutdown_timeout,
             )
             # Claimed but not started: give them back now rather than at lease expiry.
-            unstarted = [job for f, job in self.futures.values() if f.cancel()]
+            unstarted = self.scheduler.unstarted()
             if unstarted:
-                try:
-                    db.release(self._connection(), self.ident, [j.delivery_id for j in unstarted])
-                except (psycopg.OperationalError, UserError):
-                    pass  # their leases expire instead
-                for job in unstarted:
-                    self.in_flight[job.webhook_id] -= 1
-                    del self.futures[job.delivery_id]
-        # Finished requests leave self.futures when their result is collected.
-        return not self.futures and self.results.empty() and not self.pending
+                self._release(unstarted)
+        self._collect()  # also gives back jobs that expired meanwhile
+        # Finished requests leave self.claimed when their result is collected.
+        return not self.claimed and not self.pending
 
     def _shutdown_expired(self) -> bool:
         assert self._stop_started is not None
@@ -473,7 +515,8 @@ class Dispatcher:
                 len(self.pending),
                 db.one_line(exc),
             )
-        unfinished = list(self.futures)
+        self.scheduler.close()
+        unfinished = list(self.claimed)
         if unfinished:
             log.warning(
                 "%d requests still in flight after %.0fs: their deliveries are retried "
@@ -492,5 +535,4 @@ class Dispatcher:
         logging.shutdown()
         if unfinished:
             os._exit(0)  # sender threads are stuck in requests; do not wait for them
-        self.executor.shutdown(wait=False)
         return 0

@@ -7,7 +7,9 @@ the connection is in autocommit mode and each function is one transaction.
 from __future__ import annotations
 
 import json
+import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -308,10 +310,12 @@ WITH hooks AS (
 ), claimed AS (
     UPDATE webhooks.delivery d
        SET state = 'sending', claimed_by = %(me)s,
-           lease_until = now() + greatest(%(lease)s, coalesce(w.timeout_seconds, %(timeout)s) + 5)
+           lease_until = now() + greatest(%(lease)s,
+                                          coalesce(w.timeout_seconds, %(timeout)s) + %(slack)s)
                                  * interval '1 second'
-      FROM locked, webhooks.webhook w
-     WHERE d.id = locked.id AND w.id = d.webhook_id
+      FROM webhooks.webhook w
+     -- = ANY (ARRAY(...)): always the primary key, whatever the row estimates.
+     WHERE d.id = ANY (ARRAY(SELECT id FROM locked)) AND w.id = d.webhook_id
     RETURNING d.*
 )
 SELECT """
@@ -325,7 +329,31 @@ SELECT """
 )
 
 
-def _job(row: dict[str, Any], default_timeout: float) -> Job:
+#: A lease outlives the request timeout by at least this many seconds.
+LEASE_SLACK = 5.0
+#: A claimed job is not started later than this long before its lease would
+#: end with the request still running (clock steps, slow round trips).
+LEASE_MARGIN = 2.0
+
+
+def lease_seconds(lease: float, timeout: float) -> float:
+    """How long a claim lasts: ``lease``, but at least ``timeout`` plus :data:`LEASE_SLACK`."""
+    return max(lease, timeout + LEASE_SLACK)
+
+
+def _job(
+    row: dict[str, Any],
+    default_timeout: float,
+    claimed_at: float | None = None,
+    lease: float = 0.0,
+) -> Job:
+    """The job for a row of :data:`JOB_COLUMNS`; ``claimed_at`` (``time.monotonic()``
+    no later than the claim) and ``lease`` set the time it must start by."""
+    timeout = row["timeout_seconds"] or default_timeout
+    send_by = math.inf
+    if claimed_at is not None:
+        # Start early enough for the request to end within the lease.
+        send_by = claimed_at + lease_seconds(lease, timeout) - timeout - LEASE_MARGIN
     return Job(
         delivery_id=row["delivery_id"],
         webhook_id=row["webhook_id"],
@@ -342,9 +370,10 @@ def _job(row: dict[str, Any], default_timeout: float) -> Job:
         secret=row["secret"],
         additional_headers=row["additional_headers"],
         verify_tls=row["verify_tls"],
-        timeout=row["timeout_seconds"] or default_timeout,
+        timeout=timeout,
         retry_on_4xx=row["retry_on_4xx"],
         body=row["body"].encode(),
+        send_by=send_by,
     )
 
 
@@ -367,6 +396,7 @@ def _claim_params(
         "me": me,
         "lease": lease,
         "timeout": default_timeout,
+        "slack": LEASE_SLACK,
     }
 
 
@@ -383,13 +413,14 @@ def claim(
     """Lease up to ``limit`` due deliveries to dispatcher ``me``.
 
     No webhook gets more than ``per_webhook`` deliveries in flight, counting
-    the ``in_flight`` ones this dispatcher already sends. The lease lasts
-    ``lease`` seconds (at least the request timeout plus 5 s).
+    the ``in_flight`` ones this dispatcher already holds. The lease lasts
+    ``lease`` seconds (at least the request timeout plus :data:`LEASE_SLACK`).
     """
     params = _claim_params(me, limit, per_webhook, in_flight, lease, default_timeout)
+    started = time.monotonic()
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(CLAIM, params)
-        return [_job(row, default_timeout) for row in cur.fetchall()]
+        return [_job(row, default_timeout, started, lease) for row in cur.fetchall()]
 
 
 # The results travel as one JSON array (one json.dumps in C) rather than as
@@ -412,7 +443,8 @@ WITH r AS (
            claimed_by = NULL,
            lease_until = NULL
       FROM r
-     WHERE d.id = r.id AND d.state = 'sending' AND d.claimed_by = %(me)s
+     WHERE d.id = ANY (ARRAY(SELECT id FROM r)) AND d.id = r.id
+       AND d.state = 'sending' AND d.claimed_by = %(me)s
     RETURNING d.id
 )
 INSERT INTO webhooks.delivery_attempt
@@ -499,14 +531,15 @@ def cycle(
     """Write back ``results``, fan out up to ``fan_out_limit`` changes and claim up
     to ``claim_limit`` deliveries (each step skipped when zero), in one round trip.
 
-    Pipeline mode: the statements are sent together and run in order, each
-    step its own transaction, so the claim sees what the fan-out created.
+    Pipeline mode: the statements are sent together and run in order in one
+    transaction (one commit, so one WAL flush, per turn); the claim sees what
+    the fan-out created. Jobs carry the time they must start by (``send_by``).
     """
     claim_params = _claim_params(me, claim_limit, per_webhook, in_flight, lease, default_timeout)
-    with conn.pipeline():
+    started = time.monotonic()  # no later than the server's now() that starts the leases
+    with conn.pipeline(), conn.transaction():
         if results:
-            with conn.transaction():
-                _queue_outcomes(conn, me, results)
+            _queue_outcomes(conn, me, results)
         fan = conn.execute(FAN_OUT, {"limit": fan_out_limit}) if fan_out_limit > 0 else None
         claimed = conn.cursor(row_factory=dict_row)
         if claim_limit > 0:
@@ -515,7 +548,11 @@ def cycle(
     if fan is not None:
         row = fan.fetchone()
         changes = int(row[0]) if row else 0
-    jobs = [_job(r, default_timeout) for r in claimed.fetchall()] if claim_limit > 0 else []
+    jobs = (
+        [_job(r, default_timeout, started, lease) for r in claimed.fetchall()]
+        if claim_limit > 0
+        else []
+    )
     claimed.close()
     return Cycle(changes, jobs)
 

@@ -11,6 +11,7 @@ import email.utils
 import functools
 import hashlib
 import hmac
+import math
 import socket
 import ssl
 import threading
@@ -98,6 +99,9 @@ class Job:
     timeout: float
     retry_on_4xx: bool
     body: bytes = field(repr=False)
+    #: ``time.monotonic()`` after which the job must not start: its lease
+    #: would end before the request does (another dispatcher may take it).
+    send_by: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,6 +322,41 @@ def test_sigterm_finishes_the_request_in_flight(orders, receiver: Receiver, daem
     assert conn.execute("SELECT count(*) FROM webhooks.dispatcher").fetchone() == (0,)
 
 
+def test_sigterm_gives_back_claimed_deliveries_not_yet_started(
+    orders, receiver: Receiver, daemon
+) -> None:
+    conn = orders
+    add_webhook(conn, "slow", receiver.url("/slow/1500"))
+    # One at a time, two claimed: the second waits in the local queue.
+    d = daemon("--workers", "1", "--per-webhook-concurrency", "1")
+    conn.execute("INSERT INTO orders SELECT g, g, 'x' FROM generate_series(1, 3) g")
+    receiver.wait_for(1, path="/slow/1500")
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0
+    states = Counter(r[2] for r in deliveries(conn))
+    assert states == {"succeeded": 1, "pending": 2}
+    assert conn.execute(
+        "SELECT count(*) FROM webhooks.delivery WHERE claimed_by IS NOT NULL"
+    ).fetchone() == (0,)
+
+
+def test_a_claimed_job_whose_lease_would_run_out_is_given_back_unsent(
+    orders, receiver: Receiver, daemon
+) -> None:
+    conn = orders
+    # Lease = timeout + 5 s = 9 s; a job must start within 9 - 4 - 2 = 3 s of
+    # its claim. The second job waits 3.5 s behind the first: too long.
+    add_webhook(conn, "slow", receiver.url("/slow/3500"), timeout_seconds=4)
+    d = daemon("--workers", "1", "--per-webhook-concurrency", "1", "--lease-time", "1")
+    conn.execute("INSERT INTO orders SELECT g, g, 'x' FROM generate_series(1, 2) g")
+    final = wait_final(conn, 2, timeout=60)
+    assert [r[2:] for r in final] == [("succeeded", 200, None, 1)] * 2
+    reqs = receiver.requests
+    assert len(reqs) == 2
+    assert len({r.headers["X-Danbyte-Delivery"] for r in reqs}) == 2
+    assert "given back unsent" in d.output()
+
+
 def test_listener_killed_and_server_restarted(
     pg_server, database: Database, orders, receiver: Receiver, daemon
 ) -> None:

@@ -1,0 +1,121 @@
+"""The dispatcher's local queue of claimed jobs, and the sender threads that drain it.
+
+The main thread claims deliveries a little ahead of the senders (prefetch) and
+hands them to :class:`Scheduler`; each sender thread takes the next job the
+moment it finishes one, so a freed sender never waits for a database round
+trip. The per-webhook concurrency limit is enforced here, at send time:
+claimed jobs beyond it wait in their webhook's queue, and webhooks take turns
+(round robin), so one slow endpoint never holds up the others.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+
+from dispatcher.delivery import Job
+
+
+class Scheduler:
+    """Per-webhook FIFO queues with at most ``per_webhook`` jobs of a webhook running.
+
+    Thread-safe. :meth:`take` blocks until a job may run (or the scheduler is
+    closed, then it returns None); :meth:`finished` must follow every job taken.
+    """
+
+    def __init__(self, per_webhook: int) -> None:
+        self.per_webhook = per_webhook
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        # Webhooks with queued jobs, in turn order; a webhook is moved to the
+        # back when one of its jobs starts.
+        self._queues: OrderedDict[int, deque[Job]] = OrderedDict()
+        self._running: dict[int, int] = {}
+        self._queued = 0
+        self._closed = False
+
+    def add(self, jobs: Iterable[Job]) -> None:
+        """Queue ``jobs`` (each webhook's in the order given)."""
+        with self._lock:
+            added = 0
+            for job in jobs:
+                self._queues.setdefault(job.webhook_id, deque()).append(job)
+                added += 1
+            self._queued += added
+            if added:
+                self._ready.notify(added)
+
+    def _next(self) -> Job | None:
+        for webhook_id, queue in self._queues.items():
+            if self._running.get(webhook_id, 0) < self.per_webhook:
+                job = queue.popleft()
+                if queue:
+                    self._queues.move_to_end(webhook_id)
+                else:
+                    del self._queues[webhook_id]
+                self._running[webhook_id] = self._running.get(webhook_id, 0) + 1
+                self._queued -= 1
+                return job
+        return None
+
+    def take(self) -> Job | None:
+        """The next job allowed to run, waiting for one; None once closed."""
+        with self._lock:
+            while not self._closed:
+                job = self._next()
+                if job is not None:
+                    return job
+                self._ready.wait()
+            return None
+
+    def finished(self, job: Job) -> None:
+        """``job`` (from :meth:`take`) is done: its webhook may start another."""
+        with self._lock:
+            left = self._running[job.webhook_id] - 1
+            if left:
+                self._running[job.webhook_id] = left
+            else:
+                del self._running[job.webhook_id]
+            if job.webhook_id in self._queues:
+                self._ready.notify()
+
+    def unstarted(self) -> list[Job]:
+        """Remove and return every queued job that has not started."""
+        with self._lock:
+            jobs = [job for queue in self._queues.values() for job in queue]
+            self._queues.clear()
+            self._queued = 0
+            return jobs
+
+    def close(self) -> None:
+        """Wake every waiting :meth:`take`, which returns None from now on."""
+        with self._lock:
+            self._closed = True
+            self._ready.notify_all()
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting to start."""
+        return self._queued
+
+
+def start_senders(
+    n: int, scheduler: Scheduler, send: Callable[[Job], None]
+) -> list[threading.Thread]:
+    """Start ``n`` daemon threads that run ``send(job)`` for each job taken.
+
+    ``send`` must not raise. The threads end when the scheduler is closed.
+    """
+
+    def loop() -> None:
+        while (job := scheduler.take()) is not None:
+            try:
+                send(job)
+            finally:
+                scheduler.finished(job)
+
+    threads = [threading.Thread(target=loop, name=f"sender-{i}", daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads

@@ -1,0 +1,91 @@
+"""The local job queue: per-webhook limits, turns, give-back and close, on real threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dispatcher.delivery import Job
+from dispatcher.scheduler import Scheduler, start_senders
+
+
+def job(webhook_id: int, n: int) -> Job:
+    return Job(
+        delivery_id=f"{webhook_id}-{n}",
+        webhook_id=webhook_id,
+        webhook_name=f"w{webhook_id}",
+        event="create",
+        object_type="t",
+        object_id=n,
+        is_test=False,
+        attempt=1,
+        max_attempts=1,
+        method="POST",
+        url="http://127.0.0.1:9/",
+        content_type="application/json",
+        secret=None,
+        additional_headers="",
+        verify_tls=True,
+        timeout=1.0,
+        retry_on_4xx=False,
+        body=b"{}",
+    )
+
+
+def test_per_webhook_limit_fifo_and_turns() -> None:
+    s = Scheduler(per_webhook=2)
+    s.add([job(1, n) for n in range(4)] + [job(2, n) for n in range(2)])
+    taken = [s.take() for _ in range(4)]
+    assert [j.delivery_id for j in taken if j] == ["1-0", "2-0", "1-1", "2-1"]
+    assert s.queued == 2
+    # Webhook 1 has 2 running: its next job waits until one finishes.
+    got: list[Job | None] = []
+    t = threading.Thread(target=lambda: got.append(s.take()))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and not got
+    s.finished(taken[0])
+    t.join(5)
+    assert [j.delivery_id for j in got if j] == ["1-2"]
+    assert [j.delivery_id for j in s.unstarted()] == ["1-3"]
+    assert s.queued == 0
+
+
+def test_close_wakes_waiting_takers() -> None:
+    s = Scheduler(per_webhook=1)
+    got: list[Job | None] = []
+    threads = [threading.Thread(target=lambda: got.append(s.take())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    s.close()
+    for t in threads:
+        t.join(5)
+    assert got == [None, None, None]
+
+
+def test_senders_never_exceed_the_limit_per_webhook() -> None:
+    s = Scheduler(per_webhook=3)
+    lock = threading.Lock()
+    running: dict[int, int] = {}
+    peak: dict[int, int] = {}
+    done = threading.Semaphore(0)
+
+    def send(j: Job) -> None:
+        with lock:
+            running[j.webhook_id] = running.get(j.webhook_id, 0) + 1
+            peak[j.webhook_id] = max(peak.get(j.webhook_id, 0), running[j.webhook_id])
+        time.sleep(0.002)
+        with lock:
+            running[j.webhook_id] -= 1
+        done.release()
+
+    threads = start_senders(10, s, send)
+    s.add([job(w, n) for n in range(40) for w in (1, 2)])
+    for _ in range(80):
+        assert done.acquire(timeout=30)
+    s.close()
+    for t in threads:
+        t.join(5)
+    assert peak == {1: 3, 2: 3}
+    assert not any(t.is_alive() for t in threads)
