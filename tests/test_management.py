@@ -400,10 +400,12 @@ def test_hostile_role_cannot_hijack_security_definer_functions(
     evil = make_role("evil", ("danbyte_integrations",))
     with database.connect() as c:
         c.execute(
-            f"CREATE TABLE t (id int PRIMARY KEY); GRANT INSERT, UPDATE, DELETE, SELECT "
-            f"ON t TO {evil}; CREATE SCHEMA evil AUTHORIZATION {evil}"
+            f"CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE t2 (a int, b int, v int, "
+            f"PRIMARY KEY (a, b)); GRANT INSERT, UPDATE, DELETE, SELECT ON t, t2 TO {evil}; "
+            f"CREATE SCHEMA evil AUTHORIZATION {evil}"
         )
         db.watch(c, "t", None)
+        db.watch(c, "t2", None)
         db.register_dispatcher(c, "d", "h", 1, "v")
         db.heartbeat(c, "d", idle=True)  # so the trigger reaches pg_notify
     with database.connect(user=evil) as c:
@@ -414,22 +416,56 @@ def test_hostile_role_cannot_hijack_security_definer_functions(
             ("pg_notify", "text, text"),
             ("now", ""),
             ("nullif", "text, text"),
+            ("unnest", "anyarray"),
+            ("json_object_agg", "text, json"),
+            ("row_number", ""),
         ]:
             c.execute(
                 f"CREATE FUNCTION evil.{fn}({args}) RETURNS text LANGUAGE plpgsql AS "
                 "$$BEGIN RAISE EXCEPTION 'hijacked'; END$$"
             )
+        # The capture trigger has no SET search_path (for speed): it must name
+        # every operator and type it uses with its schema.
+        traps = {
+            "=": [("text", "text"), ("integer", "integer"), ("bigint", "bigint")],
+            "<>": [("text", "text")],
+            ">": [("bigint", "integer"), ("timestamptz", "timestamptz")],
+            "->": [("json", "text")],
+            "-": [("timestamptz", "interval")],
+        }
+        for i, (op, signatures) in enumerate(traps.items()):
+            for j, (left, right) in enumerate(signatures):
+                fn = f"evil.trap_{i}_{j}"
+                c.execute(
+                    f"CREATE FUNCTION {fn}({left}, {right}) RETURNS boolean LANGUAGE plpgsql "
+                    "AS $$BEGIN RAISE EXCEPTION 'hijacked'; END$$"
+                )
+                c.execute(
+                    f"CREATE OPERATOR evil.{op} (LEFTARG = {left}, RIGHTARG = {right}, "
+                    f"FUNCTION = {fn})"
+                )
+        for t in ("text", "int8", "timestamptz"):
+            c.execute(f"CREATE DOMAIN pg_temp.{t} AS pg_catalog.{t} CHECK (false)")
         c.execute("CREATE TEMP TABLE outbox (x int)")
         c.execute("CREATE TEMP TABLE dispatcher (idle boolean)")
         c.execute("SET search_path = evil, pg_temp, pg_catalog")
+        # The traps are live: unqualified names reach them.
+        for trap in ("SELECT 'a'::pg_catalog.text = 'a'", "SELECT '{}'::json -> 'k'"):
+            with pytest.raises(psycopg.errors.RaiseException, match="hijacked"):
+                c.execute(trap)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            c.execute("SELECT 'a'::text")
         c.execute("INSERT INTO public.t VALUES (1)")
         c.execute("UPDATE public.t SET id = 2")
         c.execute("DELETE FROM public.t")
+        c.execute("INSERT INTO public.t2 VALUES (1, 2, 0)")
+        c.execute("UPDATE public.t2 SET v = 1")
+        c.execute("DELETE FROM public.t2")
         c.execute("INSERT INTO webhooks.webhook (name, payload_url) VALUES ('w', 'http://a/')")
         c.execute("SELECT webhooks.send_test('w')")
         c.execute("UPDATE webhooks.webhook SET enabled = false")
     with database.connect() as c:
-        assert c.execute("SELECT count(*) FROM webhooks.outbox").fetchone() == (3,)
+        assert c.execute("SELECT count(*) FROM webhooks.outbox").fetchone() == (6,)
         assert c.execute("SELECT count(*) FROM webhooks.changelog").fetchone() == (2,)
 
 

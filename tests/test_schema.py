@@ -57,10 +57,17 @@ def test_cli_migrate_applies_then_reports_nothing_to_do(empty_database: Database
     runner = CliRunner()
     first = runner.invoke(main, ["migrate", "--dsn", empty_database.dsn])
     assert first.exit_code == 0, first.output
-    assert first.output.split() == ["applied", "001_init", "applied", "002_operations"]
+    assert first.output.split() == [
+        "applied",
+        "001_init",
+        "applied",
+        "002_operations",
+        "applied",
+        "003_capture",
+    ]
     second = runner.invoke(main, ["migrate", "--dsn", empty_database.dsn])
     assert second.exit_code == 0, second.output
-    assert second.output.strip() == "nothing to do: schema is at version 002"
+    assert second.output.strip() == "nothing to do: schema is at version 003"
 
 
 def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Database) -> None:
@@ -72,12 +79,12 @@ def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Databa
         again = psql_apply(empty_database.dsn)  # re-applying is a no-op
         assert "already applied" in again.stderr
         with other.connect() as c:
-            assert [m.version for m in db.migrate(c)] == ["001", "002"]
+            assert [m.version for m in db.migrate(c)] == ["001", "002", "003"]
         assert schema_dump(empty_database.dsn) == schema_dump(other.dsn)
         # The paths mix: after psql, migrate has nothing to do.
         with empty_database.connect() as c:
             assert db.migrate(c) == []
-            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (2,)
+            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (3,)
     finally:
         drop_database(other)
 
@@ -100,11 +107,12 @@ def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
         t.join(60)
     assert not errors
     # each migration is reported applied by exactly one of the four runs
-    assert sorted(reported) == ["001", "002"]
+    assert sorted(reported) == ["001", "002", "003"]
     with empty_database.connect() as c:
         assert c.execute("SELECT version FROM webhooks.schema_version ORDER BY 1").fetchall() == [
             ("001",),
             ("002",),
+            ("003",),
         ]
 
 
@@ -120,9 +128,11 @@ def test_wheel_ships_the_sql_and_migrates_from_another_folder(
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)
-        assert {"dispatcher/sql/001_init.sql", "dispatcher/sql/002_operations.sql"} <= set(
-            z.namelist()
-        )
+        assert {
+            "dispatcher/sql/001_init.sql",
+            "dispatcher/sql/002_operations.sql",
+            "dispatcher/sql/003_capture.sql",
+        } <= set(z.namelist())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
