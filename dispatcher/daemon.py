@@ -44,8 +44,9 @@ from dispatcher.scheduler import Scheduler, start_senders
 
 log = logging.getLogger("danbyte.dispatcher")
 
-#: Write-back waits at most this long to batch results together.
-WRITE_BACK_DELAY = 0.005
+#: Results ride along with the next turn that looks for work; a turn just to
+#: write them back comes at most this long after the first of them.
+WRITE_BACK_DELAY = 0.05
 #: Reconnect backoff is capped so delivery resumes within seconds of recovery.
 MAX_BACKOFF = 5.0
 #: A turn that finds this many new changes switches from being woken by the
@@ -379,8 +380,8 @@ class Dispatcher:
         now = time.monotonic()
         if now >= self.next_maintenance:
             self._maintenance()
-        write = self._write_due(now)
         look = self._look_due(now)
+        write = bool(self.pending) and (look or self._write_due(now))
         if not write and not look:
             return
         s = self.settings

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @dataclass
 class Scale:
     seconds: float  # each pgbench run
+    rounds: int  # write path: baseline and watched runs alternate this many times
     rows: int  # multi-row statements: 100-row statements per run
     backlog: int  # throughput backlog
     big_backlog: int  # figure 5
@@ -56,7 +57,8 @@ class Scale:
 
 
 FULL = Scale(
-    seconds=10,
+    seconds=5,
+    rounds=3,
     rows=300,
     backlog=20000,
     big_backlog=100000,
@@ -67,6 +69,7 @@ FULL = Scale(
 )
 QUICK = Scale(
     seconds=1.5,
+    rounds=1,
     rows=20,
     backlog=600,
     big_backlog=2000,
@@ -107,6 +110,21 @@ class Bench:
             )
             c.execute("CREATE TABLE plain (LIKE bench INCLUDING ALL)")
             c.execute("SELECT webhooks.watch('bench')")
+            # The issue's reference point: a bare row trigger inserting into the
+            # same outbox, with none of the product's duties (no SECURITY DEFINER,
+            # no wake-up check, no acting user or request id).
+            c.execute("CREATE TABLE reference (LIKE bench INCLUDING ALL)")
+            c.execute(
+                "CREATE FUNCTION public.bench_reference_capture() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$BEGIN "
+                "INSERT INTO webhooks.outbox (event, object_type, object_id, postchange, "
+                "changed_at, db_user) VALUES ('create', 'public.reference', to_json(NEW.id), "
+                "to_json(NEW), clock_timestamp(), current_user); RETURN NULL; END$$"
+            )
+            c.execute(
+                "CREATE TRIGGER reference AFTER INSERT ON reference FOR EACH ROW "
+                "EXECUTE FUNCTION public.bench_reference_capture()"
+            )
 
     def dsn(self, dbname: str) -> str:
         params = conninfo_to_dict(self.admin_dsn)
@@ -201,6 +219,37 @@ def rate_from(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User plus system CPU seconds used so far by each of ``pids`` still running."""
+    used = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
+def server_pids(bench: Bench) -> list[int]:
+    """The throwaway server's processes now (none with --dsn: it may be elsewhere)."""
+    if bench.cluster is None:
+        return []
+    try:
+        postmaster = int((bench.cluster.datadir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def drain(
     bench: Bench,
     dsn: str,
@@ -209,11 +258,25 @@ def drain(
     args: tuple[str, ...] = (),
     path_filter: Callable[[str], bool] = lambda p: True,
     timeout: float = 900,
+    cpu: dict[str, float] | None = None,
 ) -> tuple[float, list[float]]:
-    """Start dispatchers on a loaded backlog; return (deliveries/s, arrival times)."""
+    """Start dispatchers on a loaded backlog; return (deliveries/s, arrival times).
+
+    With ``cpu``, also fill it with the cores used meanwhile by the
+    dispatchers, the server and the receiver.
+    """
     bench.stats()
     times: list[float] = []
-    with bench.dispatchers(dsn, procs, *args):
+
+    def others() -> dict[str, list[int]]:
+        pids = {"postgres": server_pids(bench), "receiver": [bench.receiver.pid]}
+        if not pids["postgres"]:
+            del pids["postgres"]  # not ours to measure
+        return pids
+
+    before = {k: cpu_seconds(v) for k, v in others().items()}
+    started = time.monotonic()
+    with bench.dispatchers(dsn, procs, *args) as running:
         deadline = time.monotonic() + timeout
         while len(times) < n_expected:
             time.sleep(0.5)
@@ -222,6 +285,14 @@ def drain(
                     times.extend(t for _, t in got)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"benchmark: {len(times)} of {n_expected} deliveries arrived")
+        if cpu is not None:
+            # Processes started meanwhile (the dispatchers' server backends)
+            # count from zero; those that ended meanwhile are not counted.
+            wall = time.monotonic() - started
+            cpu["dispatchers"] = sum(cpu_seconds([p.pid for p in running]).values()) / wall
+            for k, pids in others().items():
+                now = cpu_seconds(pids)
+                cpu[k] = sum(t - before[k].get(pid, 0.0) for pid, t in now.items()) / wall
     return rate_from(times), times
 
 
@@ -263,7 +334,7 @@ def figure_write_path(bench: Bench) -> dict[str, Any]:
     s = bench.scale
     dsn = bench.fresh()
     with psycopg.connect(dsn, autocommit=True) as c:
-        for t in ("bench", "plain"):
+        for t in ("bench", "plain", "reference"):
             c.execute(
                 sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, 10000) g").format(
                     sql.Identifier(t)
@@ -277,24 +348,38 @@ def figure_write_path(bench: Bench) -> dict[str, Any]:
     update = "\\set id random(1, 10000)\nUPDATE {t} SET n = n + 1 WHERE id = :id;\n"
     results: dict[str, Any] = {}
 
-    def pair(label: str) -> None:
+    def pair(label: str, reference: bool = False) -> None:
+        # Baseline and watched runs alternate, and the ratio is the median of
+        # the rounds' ratios: this machine's speed drifts between runs.
         for op, script in (("insert", insert), ("update", update)):
-            base = pgbench(bench, dsn, script.format(t="plain"), s.seconds)
-            watched = pgbench(bench, dsn, script.format(t="bench"), s.seconds)
+            runs: dict[str, list[float]] = {"plain": [], "bench": [], "reference": []}
+            tables = ["plain", "bench"] + (["reference"] if reference and op == "insert" else [])
+            for _ in range(s.rounds):
+                for t in tables:
+                    runs[t].append(pgbench(bench, dsn, script.format(t=t), s.seconds))
+            ratios = [w / b for w, b in zip(runs["bench"], runs["plain"], strict=True)]
             results[f"{op}_{label}"] = {
-                "tps": watched,
-                "baseline_tps": base,
-                "ratio": watched / base,
+                "tps": statistics.median(runs["bench"]),
+                "baseline_tps": statistics.median(runs["plain"]),
+                "ratio": statistics.median(ratios),
+                "runs": runs,
             }
+            if runs["reference"]:
+                results[f"{op}_{label}_reference"] = {
+                    "tps": statistics.median(runs["reference"]),
+                    "ratio": statistics.median(
+                        [r / b for r, b in zip(runs["reference"], runs["plain"], strict=True)]
+                    ),
+                }
 
-    pair("no_dispatcher")
+    pair("no_dispatcher", reference=True)
     # Busy: a backlog that lasts through all four runs keeps the dispatcher
     # delivering while both the unwatched baseline and the watched table are
     # measured, so both pay for the CPU it uses.
     add_webhook(bench, dsn, "fast", "/fast")
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("TRUNCATE webhooks.outbox")
-    load_backlog(dsn, int(4 * s.seconds * 1500) + 2000, start=10_000_000)
+    load_backlog(dsn, int(4 * s.rounds * s.seconds * 1500) + 2000, start=10_000_000)
     with bench.dispatchers(dsn, 1):
         time.sleep(0.5)
         pair("dispatcher_busy")
@@ -345,24 +430,34 @@ def figure_write_path(bench: Bench) -> dict[str, Any]:
     return results
 
 
-def figure_throughput(bench: Bench) -> dict[str, Any]:
-    n = bench.scale.backlog
+def client(bench: Bench, path: str, n: int, *args: str) -> float:
+    """Deliveries/s of ``python -m tests.bench.client`` (a baseline without the database)."""
     out = subprocess.run(
-        [sys.executable, "-m", "tests.bench.client", bench.url("/baseline"), str(n)],
+        [sys.executable, "-m", "tests.bench.client", bench.url(path), str(n), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     )
-    baseline = float(out.stdout.strip())
     bench.stats()
-    results: dict[str, Any] = {"baseline_requests_loop": baseline}
+    return float(out.stdout.strip())
+
+
+def figure_throughput(bench: Bench) -> dict[str, Any]:
+    n = bench.scale.backlog
+    baseline = client(bench, "/baseline", n)
+    # The dispatcher's own sending path with as many threads as it uses for
+    # one webhook (--per-webhook-concurrency), and no database work at all.
+    sender = client(bench, "/baseline", n, "--threads", "16", "--sender")
+    results: dict[str, Any] = {"baseline_requests_loop": baseline, "sender_16_threads": sender}
     for procs in (1, 2):
         dsn = bench.fresh()
         add_webhook(bench, dsn, "fast", "/fast")
         load_backlog(dsn, n)
-        rate, _ = drain(bench, dsn, n, procs)
+        cpu: dict[str, float] = {}
+        rate, _ = drain(bench, dsn, n, procs, cpu=cpu)
         results[f"processes_{procs}"] = rate
+        results[f"cpu_processes_{procs}"] = cpu
     results["ratio_1_process_to_baseline"] = results["processes_1"] / baseline
     results["ratio_2_to_1_processes"] = results["processes_2"] / results["processes_1"]
     return results
@@ -438,7 +533,17 @@ def figure_slow(bench: Bench) -> dict[str, Any]:
         ("--workers", str(conc), "--per-webhook-concurrency", str(conc)),
     )
     ideal = conc / 0.020
-    return {"concurrency": conc, "rate": rate, "ideal": ideal, "ratio": rate / ideal}
+    # The same concurrency from bare requests loops (one Session per thread):
+    # what this receiver and a Python client reach without the dispatcher.
+    bare = client(bench, "/slow/20", min(bench.scale.slow, 2000), "--threads", str(conc))
+    return {
+        "concurrency": conc,
+        "rate": rate,
+        "ideal": ideal,
+        "ratio": rate / ideal,
+        "bare_threads": bare,
+        "ratio_to_bare": rate / bare,
+    }
 
 
 def rss_peak_kb(pid: int) -> int:
@@ -595,6 +700,13 @@ def table(r: dict[str, Any]) -> list[str]:
             "",
         ),
         (
+            "1 reference: bare row trigger into the outbox",
+            f"{w['insert_no_dispatcher_reference']['tps']:.0f}",
+            f"{w['insert_no_dispatcher']['baseline_tps']:.0f} unwatched",
+            f"{w['insert_no_dispatcher_reference']['ratio']:.2f}x",
+            "",
+        ),
+        (
             "1 100-row INSERT: us added per row",
             f"{w['multirow_insert']['added_us_per_row']:.1f}",
             f"{w['multirow_insert']['baseline_us_per_row']:.1f} us/row unwatched",
@@ -630,18 +742,45 @@ def table(r: dict[str, Any]) -> list[str]:
             ">= 0.8x",
         ),
         (
+            "3 the dispatcher's sender, 16 threads, no database",
+            f"{t['sender_16_threads']:.0f}",
+            f"{t['baseline_requests_loop']:.0f} bare requests loop",
+            f"{t['sender_16_threads'] / t['baseline_requests_loop']:.2f}x",
+            "",
+        ),
+        (
             "3 throughput, 2 processes (deliveries/s)",
             f"{t['processes_2']:.0f}",
             f"{t['processes_1']:.0f} one process",
             f"{t['ratio_2_to_1_processes']:.2f}x",
             ">= 1.5x",
         ),
+        *[
+            (
+                f"3 cores used, {k} process{'es' if k > 1 else ''}: dispatcher/server/receiver",
+                " / ".join(
+                    f"{t[f'cpu_processes_{k}'].get(x, float('nan')):.2f}"
+                    for x in ("dispatchers", "postgres", "receiver")
+                ),
+                f"{os.cpu_count()} cores in all",
+                "",
+                "",
+            )
+            for k in (1, 2)
+        ],
         (
             f"4 slow receiver (20 ms), {r['slow']['concurrency']} in flight",
             f"{r['slow']['rate']:.0f}",
             f"{r['slow']['ideal']:.0f} ideal",
             f"{r['slow']['ratio']:.2f}x",
             ">= 0.85x",
+        ),
+        (
+            f"4 slow receiver, {r['slow']['concurrency']} bare requests threads",
+            f"{r['slow']['rate']:.0f}",
+            f"{r['slow']['bare_threads']:.0f} bare loops",
+            f"{r['slow']['ratio_to_bare']:.2f}x",
+            "",
         ),
         (
             f"5 backlog of {r['backlog']['changes']}: drain rate",

@@ -1,28 +1,36 @@
-"""The baseline: a bare ``requests`` loop sending signed bodies, one at a time.
+"""Baselines without the database: signed bodies sent straight to the receiver.
 
-Session with trust_env=False, prepared requests, keep-alive: the client's own
-ceiling, which the dispatcher's throughput is compared against.
+    python -m tests.bench.client URL N                      -> deliveries per second
+    python -m tests.bench.client URL N --threads 8          -> the same, 8 threads
+    python -m tests.bench.client URL N --threads 16 --sender
 
-    python -m tests.bench.client URL N  ->  prints deliveries per second
+The default is a bare ``requests`` loop (Session with trust_env=False,
+prepared requests, keep-alive): the client's own ceiling, which the
+dispatcher's throughput is compared against. ``--threads`` runs that loop in
+several threads at once (each with its own Session). ``--sender`` sends with
+the dispatcher's own :class:`~dispatcher.delivery.Sender` from its sender
+threads and local queue instead, with no database work at all: the ceiling of
+the dispatcher's sending path in one Python process.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import threading
 import time
 import uuid
 
 import requests
 
-from dispatcher.delivery import sign
+from dispatcher.delivery import Job, Sender, sign
+from dispatcher.scheduler import Scheduler, start_senders
+
+SECRET = "bench-secret"
 
 
-def main(url: str, n: int) -> float:
-    secret = "bench-secret"
-    session = requests.Session()
-    session.trust_env = False
-    bodies = []
+def bodies(n: int) -> list[tuple[str, bytes]]:
+    out = []
     for i in range(n):
         delivery = str(uuid.uuid4())
         body = json.dumps(
@@ -40,9 +48,14 @@ def main(url: str, n: int) -> float:
                 "snapshots": {"prechange": None, "postchange": {"id": i, "v": "x"}},
             }
         ).encode()
-        bodies.append((delivery, body))
-    start = time.perf_counter()
-    for delivery, body in bodies:
+        out.append((delivery, body))
+    return out
+
+
+def bare_loop(url: str, work: list[tuple[str, bytes]]) -> None:
+    session = requests.Session()
+    session.trust_env = False
+    for delivery, body in work:
         req = requests.Request(
             "POST",
             url,
@@ -51,13 +64,82 @@ def main(url: str, n: int) -> float:
                 "Content-Type": "application/json",
                 "X-Danbyte-Event": "create",
                 "X-Danbyte-Delivery": delivery,
-                "X-Danbyte-Signature": sign(secret, body),
+                "X-Danbyte-Signature": sign(SECRET, body),
             },
         ).prepare()
         resp = session.send(req, timeout=10, allow_redirects=False)
         resp.raise_for_status()
+
+
+def bare(url: str, n: int, threads: int) -> float:
+    work = bodies(n)
+    parts = [work[k::threads] for k in range(threads)]
+    runners = [threading.Thread(target=bare_loop, args=(url, part)) for part in parts]
+    start = time.perf_counter()
+    for t in runners:
+        t.start()
+    for t in runners:
+        t.join()
     return n / (time.perf_counter() - start)
 
 
+def with_sender(url: str, n: int, threads: int) -> float:
+    jobs = [
+        Job(
+            delivery_id=delivery,
+            webhook_id=1,
+            webhook_name="bench",
+            event="create",
+            object_type="public.bench",
+            object_id=i,
+            is_test=False,
+            attempt=1,
+            max_attempts=1,
+            method="POST",
+            url=url,
+            content_type="application/json",
+            secret=SECRET,
+            additional_headers="",
+            verify_tls=True,
+            timeout=10.0,
+            retry_on_4xx=False,
+            body=body,
+        )
+        for i, (delivery, body) in enumerate(bodies(n))
+    ]
+    sender = Sender()
+    done = threading.Semaphore(0)
+    failed: list[str] = []
+
+    def send(job: Job) -> None:
+        outcome = sender.send(job)
+        if not outcome.ok:
+            failed.append(outcome.error or "?")
+        done.release()
+
+    scheduler = Scheduler(per_webhook=threads)
+    start = time.perf_counter()
+    start_senders(threads, scheduler, send)
+    scheduler.add(jobs)
+    for _ in range(n):
+        done.acquire()
+    elapsed = time.perf_counter() - start
+    scheduler.close()
+    if failed:
+        raise SystemExit(f"{len(failed)} requests failed: {failed[0]}")
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.client")
+    parser.add_argument("url")
+    parser.add_argument("n", type=int)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sender", action="store_true", help="use the dispatcher's Sender")
+    args = parser.parse_args()
+    run = with_sender if args.sender else bare
+    print(f"{run(args.url, args.n, args.threads):.1f}")
+
+
 if __name__ == "__main__":
-    print(f"{main(sys.argv[1], int(sys.argv[2])):.1f}")
+    main()
