@@ -218,117 +218,6 @@ def expire_leases(conn: psycopg.Connection) -> int:
     return cur.rowcount
 
 
-FAN_OUT = """
-WITH batch AS (
-    SELECT id FROM webhooks.outbox
-     WHERE dispatched_at IS NULL
-     ORDER BY id
-     LIMIT %(limit)s
-     -- SKIP LOCKED: concurrent dispatchers take disjoint batches instead of
-     -- queueing behind each other's row locks.
-       FOR UPDATE SKIP LOCKED
-), marked AS (
-    UPDATE webhooks.outbox o SET dispatched_at = now()
-      FROM batch WHERE o.id = batch.id
-    RETURNING o.id, o.event, o.object_type, o.object_id, o.changed_at
-), created AS (
-    INSERT INTO webhooks.delivery
-        (outbox_id, webhook_id, webhook_name, event, object_type, object_id, max_attempts)
-    SELECT m.id, w.id, w.name, m.event, m.object_type, m.object_id, w.max_attempts
-      FROM marked m
-      JOIN webhooks.webhook w
-        ON w.enabled
-       AND m.event = ANY (w.triggers)
-       AND (w.object_types IS NULL OR m.object_type = ANY (w.object_types))
-       AND m.changed_at >= w.enabled_at
-     ORDER BY m.id, w.id
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM created)
-"""
-
-
-def fan_out(conn: psycopg.Connection, limit: int) -> tuple[int, int]:
-    """Turn up to ``limit`` captured changes into deliveries, one per matching webhook.
-
-    Returns (changes taken, deliveries created). A change that matches no
-    webhook is marked dispatched with no delivery.
-    """
-    row = conn.execute(FAN_OUT, {"limit": limit}).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
-
-
-JOB_COLUMNS = """
-    c.id::text AS delivery_id, c.webhook_id, w.name AS webhook_name, c.event, c.object_type,
-    c.object_id, c.is_test, c.attempts + 1 AS attempt, c.max_attempts, w.method, w.payload_url,
-    w.content_type, w.secret, w.additional_headers, w.verify_tls, w.timeout_seconds,
-    w.retry_on_4xx,
-    json_build_object(
-        'event', c.event,
-        'delivery_id', c.id,
-        'timestamp', coalesce(o.changed_at, c.created_at),
-        'object_type', c.object_type,
-        'object_id', c.object_id,
-        'username', coalesce(o.username, o.db_user, session_user),
-        'db_user', coalesce(o.db_user, session_user),
-        'request_id', o.request_id,
-        'webhook', w.name,
-        'data', CASE WHEN c.is_test
-                     THEN json_build_object('message', 'A test delivery from Danbyte Webhooks.')
-                     WHEN c.event = 'delete' THEN o.prechange
-                     ELSE o.postchange END,
-        'snapshots', json_build_object('prechange', o.prechange, 'postchange', o.postchange)
-    )::text AS body
-"""
-
-CLAIM = (
-    """
-WITH hooks AS (
-    SELECT w.id, w.enabled, coalesce(b.room, %(per_webhook)s) AS room
-      FROM webhooks.webhook w
-      LEFT JOIN unnest(%(busy_ids)s::bigint[], %(busy_room)s::int[]) AS b(webhook_id, room)
-        ON b.webhook_id = w.id
-     WHERE w.id <> ALL (%(full)s::bigint[])
-), locked AS (
-    -- Per webhook, its oldest due deliveries up to the room it has left: a
-    -- webhook at its concurrency limit, however long its queue, costs nothing.
-    SELECT d.id, d.due_at, d.seq
-      FROM hooks h
-     CROSS JOIN LATERAL (
-            SELECT d.id, d.due_at, d.seq
-              FROM webhooks.delivery d
-             WHERE d.webhook_id = h.id AND d.state = 'pending' AND d.due_at <= now()
-               AND (h.enabled OR d.is_test)
-             ORDER BY d.due_at, d.seq
-             LIMIT h.room
-             -- SKIP LOCKED: rows another dispatcher is claiming right now are
-             -- passed over, so the LIMIT counts rows we can actually take.
-               FOR UPDATE SKIP LOCKED) d
-     ORDER BY d.due_at, d.seq
-     LIMIT %(limit)s
-), claimed AS (
-    UPDATE webhooks.delivery d
-       SET state = 'sending', claimed_by = %(me)s,
-           lease_until = now() + greatest(%(lease)s,
-                                          coalesce(w.timeout_seconds, %(timeout)s) + %(slack)s)
-                                 * interval '1 second'
-      FROM webhooks.webhook w
-     -- = ANY (ARRAY(...)): always the primary key, whatever the row estimates.
-     WHERE d.id = ANY (ARRAY(SELECT id FROM locked)) AND w.id = d.webhook_id
-    RETURNING d.*
-)
-SELECT """
-    + JOB_COLUMNS
-    + """
-  FROM claimed c
-  JOIN webhooks.webhook w ON w.id = c.webhook_id
-  LEFT JOIN webhooks.outbox o ON o.id = c.outbox_id
- ORDER BY c.due_at, c.seq
-"""
-)
-
-
 #: A lease outlives the request timeout by at least this many seconds.
 LEASE_SLACK = 5.0
 #: A claimed job is not started later than this long before its lease would
@@ -347,8 +236,9 @@ def _job(
     claimed_at: float | None = None,
     lease: float = 0.0,
 ) -> Job:
-    """The job for a row of :data:`JOB_COLUMNS`; ``claimed_at`` (``time.monotonic()``
-    no later than the claim) and ``lease`` set the time it must start by."""
+    """The job for a row of ``webhooks.job`` (as JSON); ``claimed_at``
+    (``time.monotonic()`` no later than the claim) and ``lease`` set the time
+    it must start by."""
     timeout = row["timeout_seconds"] or default_timeout
     send_by = math.inf
     if claimed_at is not None:
@@ -377,135 +267,37 @@ def _job(
     )
 
 
-def _claim_params(
-    me: str,
-    limit: int,
-    per_webhook: int,
-    in_flight: dict[int, int],
-    lease: float,
-    default_timeout: float,
-) -> dict[str, Any]:
-    full = [w for w, n in in_flight.items() if n >= per_webhook]
-    busy = [(w, per_webhook - n) for w, n in in_flight.items() if 0 < n < per_webhook]
+def _result(outcome: Outcome, decision: Decision) -> dict[str, Any]:
+    """One result as ``webhooks.dispatch_turn()`` reads it."""
+    job = outcome.job
     return {
-        "full": full,
-        "busy_ids": [w for w, _ in busy],
-        "busy_room": [r for _, r in busy],
-        "per_webhook": per_webhook,
-        "limit": limit,
-        "me": me,
-        "lease": lease,
-        "timeout": default_timeout,
-        "slack": LEASE_SLACK,
+        "id": job.delivery_id,
+        "attempt": job.attempt,
+        "outcome": "retrying" if decision.state == "pending" else decision.state,
+        "state": decision.state,
+        "retry_in": decision.retry_in,
+        "status": outcome.status_code,
+        "error": outcome.error,
+        "duration_ms": outcome.duration_ms,
+        "attempted_at": outcome.attempted_at.isoformat(),
+        "method": job.method,
+        "url": job.url,
+        "req_headers": outcome.request_headers,
+        "resp_headers": outcome.response_headers,
+        "resp_body": outcome.response_body,
     }
 
 
-def claim(
-    conn: psycopg.Connection,
-    *,
-    me: str,
-    limit: int,
-    per_webhook: int,
-    in_flight: dict[int, int],
-    lease: float,
-    default_timeout: float,
-) -> list[Job]:
-    """Lease up to ``limit`` due deliveries to dispatcher ``me``.
-
-    No webhook gets more than ``per_webhook`` deliveries in flight, counting
-    the ``in_flight`` ones this dispatcher already holds. The lease lasts
-    ``lease`` seconds (at least the request timeout plus :data:`LEASE_SLACK`).
-    """
-    params = _claim_params(me, limit, per_webhook, in_flight, lease, default_timeout)
-    started = time.monotonic()
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(CLAIM, params)
-        return [_job(row, default_timeout, started, lease) for row in cur.fetchall()]
-
-
-# The results travel as one JSON array (one json.dumps in C) rather than as
-# one array parameter per column: psycopg dumps Python lists element by element.
-RECORD = """
-WITH r AS (
-    SELECT * FROM jsonb_to_recordset(%(results)s::jsonb)
-      AS r(id uuid, attempt int, outcome text, state text, retry_in float8, status int,
-           error text, duration_ms float8, attempted_at timestamptz, method text, url text,
-           req_headers jsonb, resp_headers jsonb, resp_body text)
-), upd AS (
-    UPDATE webhooks.delivery d
-       SET state = r.state,
-           attempts = r.attempt,
-           status_code = r.status,
-           error = r.error,
-           due_at = CASE WHEN r.state = 'pending'
-                         THEN now() + r.retry_in * interval '1 second' ELSE d.due_at END,
-           finished_at = CASE WHEN r.state = 'pending' THEN NULL ELSE now() END,
-           claimed_by = NULL,
-           lease_until = NULL
-      FROM r
-     WHERE d.id = ANY (ARRAY(SELECT id FROM r)) AND d.id = r.id
-       AND d.state = 'sending' AND d.claimed_by = %(me)s
-    RETURNING d.id
-)
-INSERT INTO webhooks.delivery_attempt
-    (delivery_id, attempt, attempted_at, duration_ms, dispatcher, outcome, request_method,
-     request_url, request_headers, status_code, response_headers, response_body, error)
-SELECT r.id, r.attempt, r.attempted_at, r.duration_ms, %(me)s, r.outcome, r.method, r.url,
-       r.req_headers, r.status, r.resp_headers, r.resp_body, r.error
-  FROM r
+# One statement, so one round trip and one implicit transaction. Results go in
+# and jobs come out as JSON: one json.dumps and one json.loads, both in C,
+# instead of a parameter or a column decoded at a time in Python.
+TURN = """
+SELECT webhooks.dispatch_turn(
+    %(me)s, %(results)s::jsonb, %(disable)s::jsonb, %(fan_out_limit)s, %(claim_limit)s,
+    %(per_webhook)s,
+    %(full)s::bigint[], %(busy_ids)s::bigint[], %(busy_room)s::int[],
+    %(lease)s, %(timeout)s, %(slack)s)
 """
-
-
-def _queue_outcomes(
-    conn: psycopg.Connection, me: str, results: Sequence[tuple[Outcome, Decision]]
-) -> None:
-    """Send the write-back statements (inside a transaction the caller opened)."""
-    rows = []
-    gone: dict[int, str] = {}
-    for outcome, decision in results:
-        job = outcome.job
-        rows.append(
-            {
-                "id": job.delivery_id,
-                "attempt": job.attempt,
-                "outcome": "retrying" if decision.state == "pending" else decision.state,
-                "state": decision.state,
-                "retry_in": decision.retry_in,
-                "status": outcome.status_code,
-                "error": outcome.error,
-                "duration_ms": outcome.duration_ms,
-                "attempted_at": outcome.attempted_at.isoformat(),
-                "method": job.method,
-                "url": job.url,
-                "req_headers": outcome.request_headers,
-                "resp_headers": outcome.response_headers,
-                "resp_body": outcome.response_body,
-            }
-        )
-        if decision.disable_reason:
-            gone[job.webhook_id] = decision.disable_reason
-    conn.execute(RECORD, {"results": json.dumps(rows), "me": me})
-    for webhook_id, reason in gone.items():
-        conn.execute(
-            "UPDATE webhooks.webhook SET enabled = false, "
-            "disabled_reason = %s || ' (at ' || to_char(now(), 'YYYY-MM-DD HH24:MI:SS TZ') || ')' "
-            "WHERE id = %s AND enabled",
-            (reason, webhook_id),
-        )
-
-
-def record_outcomes(
-    conn: psycopg.Connection, me: str, results: Sequence[tuple[Outcome, Decision]]
-) -> None:
-    """Write attempts and the deliveries' new states in one transaction.
-
-    A delivery whose lease was taken over by another dispatcher keeps its
-    state, but the attempt is still logged: it happened. Webhooks that
-    answered 410 Gone are disabled in the same transaction.
-    """
-    if results:
-        with conn.transaction():
-            _queue_outcomes(conn, me, results)
 
 
 @dataclass
@@ -520,41 +312,95 @@ def cycle(
     conn: psycopg.Connection,
     *,
     me: str,
-    results: Sequence[tuple[Outcome, Decision]],
-    fan_out_limit: int,
-    claim_limit: int,
+    results: Sequence[tuple[Outcome, Decision]] = (),
+    fan_out_limit: int = 0,
+    claim_limit: int = 0,
+    per_webhook: int = 1,
+    in_flight: dict[int, int] | None = None,
+    lease: float = 0.0,
+    default_timeout: float = 10.0,
+) -> Cycle:
+    """One dispatcher turn, in one transaction and one round trip (each step
+    skipped when it has nothing to do):
+
+    1. record ``results`` (attempts, new states; a 410 disables its webhook).
+       A delivery whose lease another dispatcher took over keeps its state,
+       but the attempt is still logged: it happened;
+    2. turn up to ``fan_out_limit`` captured changes into deliveries, one per
+       matching webhook (a change matching none is just marked dispatched);
+    3. lease up to ``claim_limit`` due deliveries to ``me``, at most
+       ``per_webhook`` per webhook counting the ``in_flight`` ones ``me``
+       already holds, for ``lease`` seconds (at least the request timeout plus
+       :data:`LEASE_SLACK`). Jobs carry the time they must start by.
+    """
+    held = in_flight or {}
+    full = [w for w, n in held.items() if n >= per_webhook]
+    busy = [(w, per_webhook - n) for w, n in held.items() if 0 < n < per_webhook]
+    started = time.monotonic()  # no later than the server's now() that starts the leases
+    row = conn.execute(
+        TURN,
+        {
+            "me": me,
+            "results": json.dumps([_result(o, d) for o, d in results]),
+            "disable": json.dumps(
+                [
+                    {"webhook_id": o.job.webhook_id, "reason": d.disable_reason}
+                    for o, d in results
+                    if d.disable_reason
+                ]
+            ),
+            "fan_out_limit": fan_out_limit,
+            "claim_limit": claim_limit,
+            "per_webhook": per_webhook,
+            "full": full,
+            "busy_ids": [w for w, _ in busy],
+            "busy_room": [r for _, r in busy],
+            "lease": lease,
+            "timeout": default_timeout,
+            "slack": LEASE_SLACK,
+        },
+    ).fetchone()
+    assert row is not None
+    turn = row[0]
+    return Cycle(
+        turn["changes"],
+        [_job(r, default_timeout, started, lease) for r in turn["jobs"]],
+    )
+
+
+def fan_out(conn: psycopg.Connection, limit: int) -> int:
+    """Turn up to ``limit`` captured changes into deliveries; return how many were taken."""
+    return cycle(conn, me="", fan_out_limit=limit).changes
+
+
+def claim(
+    conn: psycopg.Connection,
+    *,
+    me: str,
+    limit: int,
     per_webhook: int,
     in_flight: dict[int, int],
     lease: float,
     default_timeout: float,
-) -> Cycle:
-    """Write back ``results``, fan out up to ``fan_out_limit`` changes and claim up
-    to ``claim_limit`` deliveries (each step skipped when zero), in one round trip.
+) -> list[Job]:
+    """Lease up to ``limit`` due deliveries to ``me`` (step 3 of :func:`cycle`)."""
+    return cycle(
+        conn,
+        me=me,
+        claim_limit=limit,
+        per_webhook=per_webhook,
+        in_flight=in_flight,
+        lease=lease,
+        default_timeout=default_timeout,
+    ).jobs
 
-    Pipeline mode: the statements are sent together and run in order in one
-    transaction (one commit, so one WAL flush, per turn); the claim sees what
-    the fan-out created. Jobs carry the time they must start by (``send_by``).
-    """
-    claim_params = _claim_params(me, claim_limit, per_webhook, in_flight, lease, default_timeout)
-    started = time.monotonic()  # no later than the server's now() that starts the leases
-    with conn.pipeline(), conn.transaction():
-        if results:
-            _queue_outcomes(conn, me, results)
-        fan = conn.execute(FAN_OUT, {"limit": fan_out_limit}) if fan_out_limit > 0 else None
-        claimed = conn.cursor(row_factory=dict_row)
-        if claim_limit > 0:
-            claimed.execute(CLAIM, claim_params)
-    changes = 0
-    if fan is not None:
-        row = fan.fetchone()
-        changes = int(row[0]) if row else 0
-    jobs = (
-        [_job(r, default_timeout, started, lease) for r in claimed.fetchall()]
-        if claim_limit > 0
-        else []
-    )
-    claimed.close()
-    return Cycle(changes, jobs)
+
+def record_outcomes(
+    conn: psycopg.Connection, me: str, results: Sequence[tuple[Outcome, Decision]]
+) -> None:
+    """Write attempts and the deliveries' new states (step 1 of :func:`cycle`)."""
+    if results:
+        cycle(conn, me=me, results=results)
 
 
 def release(conn: psycopg.Connection, me: str, delivery_ids: Iterable[str]) -> int:
@@ -596,21 +442,12 @@ def begin_test(conn: psycopg.Connection, name: str, me: str, default_timeout: fl
 
 def fetch_job(conn: psycopg.Connection, delivery_id: str, default_timeout: float) -> Job:
     """The job for a delivery by id (whatever its state)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT "
-            + JOB_COLUMNS
-            + """
-              FROM webhooks.delivery c
-              JOIN webhooks.webhook w ON w.id = c.webhook_id
-              LEFT JOIN webhooks.outbox o ON o.id = c.outbox_id
-             WHERE c.id = %s""",
-            (delivery_id,),
-        )
-        row = cur.fetchone()
+    row = conn.execute(
+        "SELECT row_to_json(j) FROM webhooks.job j WHERE j.delivery_id = %s", (delivery_id,)
+    ).fetchone()
     if row is None:
         raise UserError(f"no delivery {delivery_id}")
-    return _job(row, default_timeout)
+    return _job(row[0], default_timeout)
 
 
 # --------------------------------------------------------------------------

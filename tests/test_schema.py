@@ -64,10 +64,12 @@ def test_cli_migrate_applies_then_reports_nothing_to_do(empty_database: Database
         "002_operations",
         "applied",
         "003_capture",
+        "applied",
+        "004_dispatch",
     ]
     second = runner.invoke(main, ["migrate", "--dsn", empty_database.dsn])
     assert second.exit_code == 0, second.output
-    assert second.output.strip() == "nothing to do: schema is at version 003"
+    assert second.output.strip() == "nothing to do: schema is at version 004"
 
 
 def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Database) -> None:
@@ -79,12 +81,12 @@ def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Databa
         again = psql_apply(empty_database.dsn)  # re-applying is a no-op
         assert "already applied" in again.stderr
         with other.connect() as c:
-            assert [m.version for m in db.migrate(c)] == ["001", "002", "003"]
+            assert [m.version for m in db.migrate(c)] == ["001", "002", "003", "004"]
         assert schema_dump(empty_database.dsn) == schema_dump(other.dsn)
         # The paths mix: after psql, migrate has nothing to do.
         with empty_database.connect() as c:
             assert db.migrate(c) == []
-            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (3,)
+            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (4,)
     finally:
         drop_database(other)
 
@@ -107,12 +109,13 @@ def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
         t.join(60)
     assert not errors
     # each migration is reported applied by exactly one of the four runs
-    assert sorted(reported) == ["001", "002", "003"]
+    assert sorted(reported) == ["001", "002", "003", "004"]
     with empty_database.connect() as c:
         assert c.execute("SELECT version FROM webhooks.schema_version ORDER BY 1").fetchall() == [
             ("001",),
             ("002",),
             ("003",),
+            ("004",),
         ]
 
 
@@ -132,6 +135,7 @@ def test_wheel_ships_the_sql_and_migrates_from_another_folder(
             "dispatcher/sql/001_init.sql",
             "dispatcher/sql/002_operations.sql",
             "dispatcher/sql/003_capture.sql",
+            "dispatcher/sql/004_dispatch.sql",
         } <= set(z.namelist())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
