@@ -55,13 +55,15 @@ CREATE FUNCTION webhooks.dispatch_turn(
     per_webhook integer, full_ids bigint[], busy_ids bigint[], busy_room integer[],
     lease double precision, default_timeout double precision, slack double precision)
 RETURNS json
--- Custom plans: a generic plan made while the queue tables were small (just
--- after the migration, or after a quiet spell) would keep scanning them whole
--- once they have grown; planning each statement for the current table sizes
--- costs far less than that.
+-- No sequential scans: every statement below finds its rows through an
+-- index. The cached (generic) plans of this function are made once per
+-- session, and one made while the queue tables were small (just after the
+-- migration, or after a quiet spell) would otherwise keep scanning them whole
+-- once they have grown. Planning every statement on every turn instead would
+-- cost about 1.5 ms of server time per turn, 200 times a second while polling.
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_custom_plan AS $fn$
+SET enable_seqscan = off AS $fn$
 DECLARE
     changes integer := 0;
     jobs json;
