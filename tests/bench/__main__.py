@@ -125,6 +125,17 @@ class Bench:
                 "CREATE TRIGGER reference AFTER INSERT ON reference FOR EACH ROW "
                 "EXECUTE FUNCTION public.bench_reference_capture()"
             )
+            # The latency baseline: a row trigger that NOTIFYs the new id, for
+            # tests.bench.listener to post at once.
+            c.execute("CREATE TABLE bare (LIKE bench INCLUDING ALL)")
+            c.execute(
+                "CREATE FUNCTION public.bench_bare_notify() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$BEGIN PERFORM pg_notify('bench_bare', NEW.id::text); RETURN NULL; END$$"
+            )
+            c.execute(
+                "CREATE TRIGGER bare AFTER INSERT ON bare FOR EACH ROW "
+                "EXECUTE FUNCTION public.bench_bare_notify()"
+            )
 
     def dsn(self, dbname: str) -> str:
         params = conninfo_to_dict(self.admin_dsn)
@@ -463,8 +474,11 @@ def figure_throughput(bench: Bench) -> dict[str, Any]:
     return results
 
 
-def latency_run(bench: Bench, dsn: str, rate: float, seconds: float) -> dict[str, float]:
-    """Commit single-row changes at ``rate``/s; latency = arrival - commit."""
+def latency_run(
+    bench: Bench, dsn: str, rate: float, seconds: float, table: str = "bench", path: str = "/lat"
+) -> dict[str, float]:
+    """Commit single-row inserts into ``table`` at ``rate``/s; latency = arrival at
+    ``path`` - commit."""
     commits: dict[int, float] = {}
     lock = threading.Lock()
     threads_n = 4 if rate > 150 else 1
@@ -479,7 +493,10 @@ def latency_run(bench: Bench, dsn: str, rate: float, seconds: float) -> dict[str
                 delay = due - time.time()
                 if delay > 0:
                     time.sleep(delay)
-                c.execute("INSERT INTO bench (id) VALUES (%s)", (base + i,))
+                c.execute(
+                    sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(table)),
+                    (base + i,),
+                )
                 done = time.time()
                 with lock:
                     commits[base + i] = done
@@ -493,7 +510,7 @@ def latency_run(bench: Bench, dsn: str, rate: float, seconds: float) -> dict[str
     got: dict[int, float] = {}
     deadline = time.monotonic() + 60
     while len(got) < total and time.monotonic() < deadline:
-        for oid, t in bench.stats().get("/lat", []):
+        for oid, t in bench.stats().get(path, []):
             got[oid] = t
         time.sleep(0.2)
     lat = sorted((got[i] - commits[i]) * 1000 for i in commits if i in got)
@@ -511,11 +528,24 @@ def latency_run(bench: Bench, dsn: str, rate: float, seconds: float) -> dict[str
 def figure_latency(bench: Bench, capacity: float) -> dict[str, Any]:
     dsn = bench.fresh()
     add_webhook(bench, dsn, "lat", "/lat")
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.listener", dsn, bench.url("/lat-bare")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "ready"
+        bare = latency_run(bench, dsn, 200.0, bench.scale.latency_seconds, "bare", "/lat-bare")
+    finally:
+        listener.terminate()
+        listener.wait(10)
     with bench.dispatchers(dsn, 1):
         time.sleep(1.0)
         light = latency_run(bench, dsn, 200.0, bench.scale.latency_seconds)
         half = latency_run(bench, dsn, capacity / 2, bench.scale.latency_seconds)
-    return {"light": light, "half_capacity": half, "capacity_used": capacity}
+    return {"light": light, "half_capacity": half, "capacity_used": capacity, "bare_light": bare}
 
 
 def figure_slow(bench: Bench) -> dict[str, Any]:
@@ -729,6 +759,13 @@ def table(r: dict[str, Any]) -> list[str]:
             "",
             "",
             "<= 2 / 10",
+        ),
+        (
+            "2 latency at 200/s, bare LISTEN + requests loop",
+            f"{lat['light']['p50_ms']:.1f} / {lat['light']['p99_ms']:.1f}",
+            f"{lat['bare_light']['p50_ms']:.1f} / {lat['bare_light']['p99_ms']:.1f} bare loop",
+            "",
+            "",
         ),
         (
             f"2 latency at {lat['half_capacity']['rate']:.0f}/s (half capacity): p50 / p99 ms",
