@@ -50,8 +50,8 @@ WRITE_BACK_DELAY = 0.05
 #: Reconnect backoff is capped so delivery resumes within seconds of recovery.
 MAX_BACKOFF = 5.0
 #: A turn that finds this many new changes switches from being woken by the
-#: writers' NOTIFY to polling every --busy-poll-interval; a turn that finds at
-#: most one switches back.
+#: writers' NOTIFY to polling (every ``busy_poll_interval``, 5 ms); a turn
+#: that finds at most one switches back.
 DISARM_AT = 4
 #: Claim up to this many times what can be sent at once (overall and per
 #: webhook), so a sender that finishes starts its next job at once and each
