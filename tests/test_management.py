@@ -331,6 +331,8 @@ def test_integrations_member_can_manage_but_not_read_the_secret(
             "DELETE FROM webhooks.changelog",
             "UPDATE webhooks.changelog SET action = 'x'",
             "SELECT * FROM webhooks.outbox",
+            "SELECT secret FROM webhooks.job",  # what the dispatcher sends, secret included
+            "SELECT webhooks.dispatch_turn('me', '[]', '[]', 0, 0, 1, '{}', '{}', '{}', 1, 1, 1)",
             "SELECT webhooks.watch('pg_class')",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege), c.transaction():
