@@ -653,17 +653,27 @@ def figure_backlog(bench: Bench) -> dict[str, Any]:
 
 
 def figure_isolation(bench: Bench) -> dict[str, Any]:
+    # Alone and beside the dead endpoint alternate, and the ratio is the median
+    # of the rounds' ratios: this machine's speed drifts between runs.
     n = bench.scale.isolation
-    alone_dsn = bench.fresh()
-    add_webhook(bench, alone_dsn, "healthy", "/healthy-alone")
-    load_backlog(alone_dsn, n)
-    alone, _ = drain(bench, alone_dsn, n, path_filter=lambda p: p == "/healthy-alone")
-    dsn = bench.fresh()
-    add_webhook(bench, dsn, "healthy", "/healthy")
-    add_webhook(bench, dsn, "dead", "/hang", timeout_seconds=30)
-    load_backlog(dsn, n)
-    shared, _ = drain(bench, dsn, n, path_filter=lambda p: p == "/healthy")
-    return {"healthy_alone": alone, "healthy_with_dead_endpoint": shared, "ratio": shared / alone}
+    alone: list[float] = []
+    shared: list[float] = []
+    for _ in range(bench.scale.rounds):
+        alone_dsn = bench.fresh()
+        add_webhook(bench, alone_dsn, "healthy", "/healthy-alone")
+        load_backlog(alone_dsn, n)
+        alone.append(drain(bench, alone_dsn, n, path_filter=lambda p: p == "/healthy-alone")[0])
+        dsn = bench.fresh()
+        add_webhook(bench, dsn, "healthy", "/healthy")
+        add_webhook(bench, dsn, "dead", "/hang", timeout_seconds=30)
+        load_backlog(dsn, n)
+        shared.append(drain(bench, dsn, n, path_filter=lambda p: p == "/healthy")[0])
+    return {
+        "healthy_alone": statistics.median(alone),
+        "healthy_with_dead_endpoint": statistics.median(shared),
+        "ratio": statistics.median([w / a for w, a in zip(shared, alone, strict=True)]),
+        "runs": {"alone": alone, "with_dead_endpoint": shared},
+    }
 
 
 def figure_fanout(bench: Bench, single: float) -> dict[str, Any]:
