@@ -7,29 +7,11 @@ import time
 
 from dispatcher.delivery import Job
 from dispatcher.scheduler import Scheduler, start_senders
+from tests.jobs import make_job
 
 
 def job(webhook_id: int, n: int) -> Job:
-    return Job(
-        delivery_id=f"{webhook_id}-{n}",
-        webhook_id=webhook_id,
-        webhook_name=f"w{webhook_id}",
-        event="create",
-        object_type="t",
-        object_id=n,
-        is_test=False,
-        attempt=1,
-        max_attempts=1,
-        method="POST",
-        url="http://127.0.0.1:9/",
-        content_type="application/json",
-        secret=None,
-        additional_headers="",
-        verify_tls=True,
-        timeout=1.0,
-        retry_on_4xx=False,
-        body=b"{}",
-    )
+    return make_job(delivery_id=f"{webhook_id}-{n}", webhook_id=webhook_id, object_id=n)
 
 
 def test_per_webhook_limit_fifo_and_turns() -> None:

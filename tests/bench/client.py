@@ -25,6 +25,7 @@ import requests
 
 from dispatcher.delivery import Job, Sender, sign
 from dispatcher.scheduler import Scheduler, start_senders
+from tests.jobs import make_job
 
 SECRET = "bench-secret"
 
@@ -85,24 +86,13 @@ def bare(url: str, n: int, threads: int) -> float:
 
 def with_sender(url: str, n: int, threads: int) -> float:
     jobs = [
-        Job(
+        make_job(
             delivery_id=delivery,
-            webhook_id=1,
             webhook_name="bench",
-            event="create",
             object_type="public.bench",
             object_id=i,
-            is_test=False,
-            attempt=1,
-            max_attempts=1,
-            method="POST",
             url=url,
-            content_type="application/json",
             secret=SECRET,
-            additional_headers="",
-            verify_tls=True,
-            timeout=10.0,
-            retry_on_4xx=False,
             body=body,
         )
         for i, (delivery, body) in enumerate(bodies(n))

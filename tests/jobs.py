@@ -1,0 +1,32 @@
+"""A :class:`~dispatcher.delivery.Job` for tests and benchmarks, without a database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dispatcher.delivery import Job
+
+
+def make_job(**fields: Any) -> Job:
+    """A POST of ``{}`` to a closed port on 127.0.0.1, with ``fields`` overriding that."""
+    defaults: dict[str, Any] = {
+        "delivery_id": "00000000-0000-0000-0000-000000000000",
+        "webhook_id": 1,
+        "webhook_name": "w",
+        "event": "create",
+        "object_type": "t",
+        "object_id": 1,
+        "is_test": False,
+        "attempt": 1,
+        "max_attempts": 1,
+        "method": "POST",
+        "url": "http://127.0.0.1:9/",
+        "content_type": "application/json",
+        "secret": None,
+        "additional_headers": "",
+        "verify_tls": True,
+        "timeout": 10.0,
+        "retry_on_4xx": False,
+        "body": b"{}",
+    }
+    return Job(**{**defaults, **fields})
