@@ -32,7 +32,6 @@ class Scheduler:
         # back when one of its jobs starts.
         self._queues: OrderedDict[int, deque[Job]] = OrderedDict()
         self._running: dict[int, int] = {}
-        self._queued = 0
         self._closed = False
 
     def add(self, jobs: Iterable[Job]) -> None:
@@ -42,7 +41,6 @@ class Scheduler:
             for job in jobs:
                 self._queues.setdefault(job.webhook_id, deque()).append(job)
                 added += 1
-            self._queued += added
             if added:
                 self._ready.notify(added)
 
@@ -55,7 +53,6 @@ class Scheduler:
                 else:
                     del self._queues[webhook_id]
                 self._running[webhook_id] = self._running.get(webhook_id, 0) + 1
-                self._queued -= 1
                 return job
         return None
 
@@ -85,7 +82,6 @@ class Scheduler:
         with self._lock:
             jobs = [job for queue in self._queues.values() for job in queue]
             self._queues.clear()
-            self._queued = 0
             return jobs
 
     def close(self) -> None:
@@ -97,7 +93,8 @@ class Scheduler:
     @property
     def queued(self) -> int:
         """Jobs waiting to start."""
-        return self._queued
+        with self._lock:
+            return sum(len(queue) for queue in self._queues.values())
 
 
 def start_senders(
