@@ -57,6 +57,13 @@ DISARM_AT = 4
 #: webhook), so a sender that finishes starts its next job at once and each
 #: turn claims a bigger batch.
 PREFETCH = 2
+#: For a webhook that answers quickly, claim more than that: what its senders
+#: can be expected to start within this many seconds, judged from its recent
+#: request times (up to ``--batch-size``). Few big turns cost the database and
+#: the interpreter lock much less than many small ones.
+AHEAD = 0.25
+#: Weight of the newest request time in a webhook's moving average.
+DURATION_WEIGHT = 0.2
 
 
 class Listener(threading.Thread):
@@ -132,10 +139,11 @@ class Dispatcher:
         self.ident = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.sender = Sender(proxy=settings.proxy)
         self.scheduler = Scheduler(settings.per_webhook_concurrency)
-        self.capacity = PREFETCH * settings.workers
+        self.capacity = max(PREFETCH * settings.workers, settings.batch_size)
         self.results: SimpleQueue[Outcome] = SimpleQueue()
         self.expired: SimpleQueue[Job] = SimpleQueue()  # taken too late to send
-        self.in_flight: dict[int, int] = defaultdict(int)  # claimed, per webhook
+        self.held: dict[int, int] = defaultdict(int)  # claimed, per webhook
+        self.duration: dict[int, float] = {}  # recent request time, seconds, per webhook
         self.claimed: dict[str, Job] = {}  # by delivery id, until recorded or released
         self.conn: psycopg.Connection | None = None
         self.listener = Listener(settings.dsn, self._on_wake)
@@ -143,12 +151,15 @@ class Dispatcher:
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         self._notified = threading.Event()
+        self._reported = False  # a sender has woken the main thread for results
         self.stopping = False
         self.signals = 0
         self.armed = False
         self.recheck = True  # sweep at start-up
-        self.more = False
-        self.freed = False
+        self.more = False  # the last fan-out left changes behind
+        self.capped: set[int] = set()  # webhooks whose last claim reached their cap
+        self.room_filled = False  # the last claim took all the room there was
+        self.refill = False  # room has come free where a claim was cut short
         self.last_look = 0.0
         self.next_maintenance = 0.0
         self.next_cleanup = 0.0
@@ -202,7 +213,7 @@ class Dispatcher:
             # Waited so long in the local queue that the lease would run out
             # mid-request: give it back unsent rather than risk a duplicate.
             self.expired.put(job)
-            self._poke()
+            self._report()
             return
         try:
             outcome = self.sender.send(job)
@@ -218,7 +229,15 @@ class Dispatcher:
                 request_headers={},
             )
         self.results.put(outcome)
-        self._poke()
+        self._report()
+
+    def _report(self) -> None:
+        # One wake-up per batch of results, not one per result: the main
+        # thread lowers the flag before it empties the queues, so a result
+        # put after that finds the flag down and wakes it again.
+        if not self._reported:
+            self._reported = True
+            self._poke()
 
     # -- database steps (main thread) ----------------------------------------
 
@@ -242,15 +261,55 @@ class Dispatcher:
                 pass
         self.conn = None
 
+    def _cap(self, webhook_id: int) -> int:
+        """How many of a webhook's deliveries to hold claimed (sending or queued) at most."""
+        per_webhook = self.settings.per_webhook_concurrency
+        least = PREFETCH * per_webhook
+        took = self.duration.get(webhook_id)
+        if took is None:
+            return least
+        ahead = per_webhook + int(per_webhook * AHEAD / max(took, 0.001))
+        return max(least, min(self.capacity, ahead))
+
+    # Claims refill at half: a turn claims nothing for a webhook holding more
+    # than half its cap, or at all while more than half the capacity is held.
+    # Claiming again for every finished request (or at every busy poll) would
+    # make many small turns, each costing the database and the interpreter lock.
+
+    def _room(self) -> int:
+        """How many deliveries the next turn may claim in all."""
+        if len(self.claimed) > self.capacity // 2:
+            return 0
+        return min(self.capacity - len(self.claimed), self.settings.batch_size)
+
+    def _webhook_room(self) -> dict[int, int]:
+        """How many the next turn may claim for each webhook known here (others: the default)."""
+        room = {}
+        for webhook_id in self.held.keys() | self.duration.keys():
+            cap, held = self._cap(webhook_id), self.held.get(webhook_id, 0)
+            room[webhook_id] = cap - held if held <= cap // 2 else 0
+        return room
+
     def _forget(self, job: Job) -> None:
         self.claimed.pop(job.delivery_id, None)
-        self.in_flight[job.webhook_id] -= 1
-        if self.in_flight[job.webhook_id] <= 0:
-            del self.in_flight[job.webhook_id]
-        self.freed = True
+        webhook_id = job.webhook_id
+        left = self.held[webhook_id] - 1
+        if left > 0:
+            self.held[webhook_id] = left
+        else:
+            del self.held[webhook_id]
+        # Where the last claim took everything due, new work is found by
+        # notification or poll instead.
+        if webhook_id in self.capped and left <= self._cap(webhook_id) // 2:
+            self.capped.discard(webhook_id)
+            self.refill = True
+        if self.room_filled and len(self.claimed) <= self.capacity // 2:
+            self.room_filled = False
+            self.refill = True
 
     def _collect(self) -> None:
         """Move finished requests into ``pending``, give back expired jobs, free their room."""
+        self._reported = False
         while True:
             try:
                 outcome = self.results.get_nowait()
@@ -259,6 +318,11 @@ class Dispatcher:
             if self.first_result_at is None:
                 self.first_result_at = time.monotonic()
             self.pending.append(outcome)
+            took = self.duration.get(outcome.job.webhook_id)
+            latest = outcome.duration_ms / 1000.0
+            self.duration[outcome.job.webhook_id] = (
+                latest if took is None else took + DURATION_WEIGHT * (latest - took)
+            )
             self._forget(outcome.job)
             self._log_outcome(outcome)
         expired: list[Job] = []
@@ -331,7 +395,7 @@ class Dispatcher:
         if self._notified.is_set():
             self._notified.clear()
             return True
-        if self.recheck or self.more or self.freed:
+        if self.recheck or self.more or self.refill:
             return True
         # Not armed: writers do not wake us, so look every busy-poll interval.
         return not self.armed and now - self.last_look >= self.settings.busy_poll_interval
@@ -386,15 +450,17 @@ class Dispatcher:
             return
         s = self.settings
         results = [(o, decide(o, base=s.retry_base)) for o in self.pending] if write else []
-        room = min(self.capacity - len(self.claimed), s.batch_size) if look else 0
+        room = self._room() if look else 0
+        default_room = PREFETCH * s.per_webhook_concurrency
+        webhook_room = self._webhook_room()
         found = db.cycle(
             self._connection(),
             me=self.ident,
             results=results,
             fan_out_limit=s.batch_size if look else 0,
             claim_limit=room,
-            per_webhook=PREFETCH * s.per_webhook_concurrency,
-            in_flight=self.in_flight,
+            per_webhook=default_room,
+            room=webhook_room,
             lease=s.lease_time,
             default_timeout=s.default_timeout,
         )
@@ -409,12 +475,24 @@ class Dispatcher:
         if not look:
             return
         self.last_look = now
-        self.recheck = self.freed = False
+        self.recheck = self.refill = False
+        took: dict[int, int] = defaultdict(int)
         for job in found.jobs:
-            self.in_flight[job.webhook_id] += 1
+            self.held[job.webhook_id] += 1
             self.claimed[job.delivery_id] = job
+            took[job.webhook_id] += 1
         self.scheduler.add(found.jobs)
-        self.more = found.changes >= s.batch_size or (room > 0 and len(found.jobs) >= room)
+        # A claim cut short by our own limits may have left due deliveries
+        # behind: claim again once the room is back to half (see _forget).
+        self.room_filled = room == 0 or len(found.jobs) >= room
+        if room:
+            for webhook_id in took.keys() | self.capped:
+                asked = webhook_room.get(webhook_id, default_room)
+                if took[webhook_id] >= asked:
+                    self.capped.add(webhook_id)  # asked == 0 too: not looked at
+                else:
+                    self.capped.discard(webhook_id)  # took all that was due
+        self.more = found.changes >= s.batch_size
         if found.changes >= DISARM_AT or self.more:
             # Changes arrive faster than one per turn: stop the writers'
             # NOTIFYs (they serialise commits) and poll instead.
@@ -438,7 +516,7 @@ class Dispatcher:
             timeout = min(
                 timeout, max(0.0, self.last_look + self.settings.busy_poll_interval - now)
             )
-        if (self.recheck or self.more) and len(self.claimed) < self.capacity:
+        if (self.recheck or self.more or self.refill) and len(self.claimed) < self.capacity:
             timeout = 0.0
         return timeout
 

@@ -10,7 +10,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -316,7 +316,7 @@ def cycle(
     fan_out_limit: int = 0,
     claim_limit: int = 0,
     per_webhook: int = 1,
-    in_flight: dict[int, int] | None = None,
+    room: Mapping[int, int] | None = None,
     lease: float = 0.0,
     default_timeout: float = 10.0,
 ) -> Cycle:
@@ -329,13 +329,14 @@ def cycle(
     2. turn up to ``fan_out_limit`` captured changes into deliveries, one per
        matching webhook (a change matching none is just marked dispatched);
     3. lease up to ``claim_limit`` due deliveries to ``me``, at most
-       ``per_webhook`` per webhook counting the ``in_flight`` ones ``me``
-       already holds, for ``lease`` seconds (at least the request timeout plus
-       :data:`LEASE_SLACK`). Jobs carry the time they must start by.
+       ``room[w]`` for each webhook ``w`` listed there (none if it is 0 or
+       less) and ``per_webhook`` for any other, for ``lease`` seconds (at
+       least the request timeout plus :data:`LEASE_SLACK`). Jobs carry the
+       time they must start by.
     """
-    held = in_flight or {}
-    full = [w for w, n in held.items() if n >= per_webhook]
-    busy = [(w, per_webhook - n) for w, n in held.items() if 0 < n < per_webhook]
+    room = room or {}
+    full = [w for w, n in room.items() if n <= 0]
+    busy = [(w, n) for w, n in room.items() if n > 0 and n != per_webhook]
     started = time.monotonic()  # no later than the server's now() that starts the leases
     row = conn.execute(
         TURN,
@@ -379,17 +380,16 @@ def claim(
     me: str,
     limit: int,
     per_webhook: int,
-    in_flight: dict[int, int],
     lease: float,
     default_timeout: float,
 ) -> list[Job]:
-    """Lease up to ``limit`` due deliveries to ``me`` (step 3 of :func:`cycle`)."""
+    """Lease up to ``limit`` due deliveries to ``me``, at most ``per_webhook`` per
+    webhook (step 3 of :func:`cycle`)."""
     return cycle(
         conn,
         me=me,
         claim_limit=limit,
         per_webhook=per_webhook,
-        in_flight=in_flight,
         lease=lease,
         default_timeout=default_timeout,
     ).jobs

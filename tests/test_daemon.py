@@ -239,6 +239,23 @@ def test_a_hanging_endpoint_does_not_hold_back_a_healthy_one(orders, receiver, d
     assert len([r for r in receiver.requests if r.path == "/hang"]) == 4
 
 
+def test_a_backlog_bigger_than_a_claim_is_claimed_again_without_waiting_for_a_poll(
+    orders, receiver, daemon
+) -> None:
+    # A dispatcher holds at most --batch-size claimed deliveries and claims
+    # again when half of them are done. Nothing else would wake it here: the
+    # backlog was committed before it started, and its poll backstop (30 s,
+    # the longest allowed) is longer than the whole test may take.
+    conn = orders
+    add_webhook(conn, "w", receiver.url("/w"))
+    conn.execute("INSERT INTO orders SELECT g, g, 'x' FROM generate_series(1, 120) g")
+    daemon(
+        "--workers", "2", "--per-webhook-concurrency", "1", "--batch-size", "20",
+        "--poll-interval", "30",
+    )  # fmt: skip
+    receiver.wait_for(120, path="/w", timeout=25)
+
+
 def test_changes_made_while_no_dispatcher_runs_are_delivered(orders, receiver, daemon) -> None:
     conn = orders
     add_webhook(conn, "w", receiver.url("/w"))

@@ -33,7 +33,6 @@ def turn(conn: psycopg.Connection, results: list[Outcome], claim: int) -> db.Cyc
         fan_out_limit=200,
         claim_limit=claim,
         per_webhook=claim,
-        in_flight={},
         lease=60.0,
         default_timeout=10.0,
     )

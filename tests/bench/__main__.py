@@ -610,9 +610,7 @@ def claim_ms(dsn: str) -> float:
         load_backlog(dsn, 200, start=start_id)
         t = time.perf_counter()
         db.fan_out(c, 200)
-        jobs = db.claim(
-            c, me="bench", limit=200, per_webhook=200, in_flight={}, lease=60, default_timeout=10
-        )
+        jobs = db.claim(c, me="bench", limit=200, per_webhook=200, lease=60, default_timeout=10)
         elapsed = (time.perf_counter() - t) * 1000
         # hand them back so they do not count as lost
         c.execute(
