@@ -8,6 +8,7 @@ The path picks the behaviour:
   /hang              accept, read, never answer (until the server stops)
   /slow/<ms>         answer 200 after <ms> milliseconds
   /big               answer 200 with a 1 MB body
+  /repeated          answer 503 with X-Multi twice and a lower-case retry-after: 7
   anything else      answer 200 with a small JSON body
 """
 
@@ -91,6 +92,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif kind == "big":
             self._answer(200, {"Content-Type": "text/plain"}, b"x" * 1_000_000)
+        elif kind == "repeated":
+            self.send_response(503)
+            for name, value in (("X-Multi", "a"), ("X-Multi", "b"), ("retry-after", "7")):
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif kind == "slow":
             time.sleep(int(parts[1]) / 1000.0)
             self._answer(200)
