@@ -451,8 +451,11 @@ class Dispatcher:
         s = self.settings
         results = [(o, decide(o, base=s.retry_base)) for o in self.pending] if write else []
         room = self._room() if look else 0
-        default_room = PREFETCH * s.per_webhook_concurrency
-        webhook_room = self._webhook_room()
+        # No webhook is asked for more than the turn may claim in all: the
+        # claim locks what each webhook is asked for before the overall limit
+        # applies, and a row locked but not claimed is a wasted WAL record.
+        default_room = min(PREFETCH * s.per_webhook_concurrency, room)
+        webhook_room = {w: min(n, room) for w, n in self._webhook_room().items()}
         found = db.cycle(
             self._connection(),
             me=self.ident,
