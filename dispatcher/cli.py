@@ -259,7 +259,8 @@ def _env(name: str) -> dict[str, Any]:
     type=click.IntRange(1, 5000),
     default=200,
     **_env("BATCH_SIZE"),
-    help="Changes or deliveries taken per query.",
+    help="Changes or deliveries taken per query, and claimed deliveries held at most "
+    "(or twice --workers, if more).",
 )
 @click.option(
     "--retry-base",
