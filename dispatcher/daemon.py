@@ -143,7 +143,10 @@ class Dispatcher:
         self.results: SimpleQueue[Outcome] = SimpleQueue()
         self.expired: SimpleQueue[Job] = SimpleQueue()  # taken too late to send
         self.held: dict[int, int] = defaultdict(int)  # claimed, per webhook
-        self.duration: dict[int, float] = {}  # recent request time, seconds, per webhook
+        # Recent request time in seconds, per webhook holding claimed jobs: kept
+        # no longer, so what each turn sends for its claim stays bounded by
+        # what is held, however many webhooks there are.
+        self.duration: dict[int, float] = {}
         self.claimed: dict[str, Job] = {}  # by delivery id, until recorded or released
         self.conn: psycopg.Connection | None = None
         self.listener = Listener(settings.dsn, self._on_wake)
@@ -283,10 +286,11 @@ class Dispatcher:
         return min(self.capacity - len(self.claimed), self.settings.batch_size)
 
     def _webhook_room(self) -> dict[int, int]:
-        """How many the next turn may claim for each webhook known here (others: the default)."""
+        """How many the next turn may claim for each webhook holding claimed jobs
+        (any other: twice its concurrency)."""
         room = {}
-        for webhook_id in self.held.keys() | self.duration.keys():
-            cap, held = self._cap(webhook_id), self.held.get(webhook_id, 0)
+        for webhook_id, held in self.held.items():
+            cap = self._cap(webhook_id)
             room[webhook_id] = cap - held if held <= cap // 2 else 0
         return room
 
@@ -294,15 +298,16 @@ class Dispatcher:
         self.claimed.pop(job.delivery_id, None)
         webhook_id = job.webhook_id
         left = self.held[webhook_id] - 1
-        if left > 0:
-            self.held[webhook_id] = left
-        else:
-            del self.held[webhook_id]
         # Where the last claim took everything due, new work is found by
         # notification or poll instead.
         if webhook_id in self.capped and left <= self._cap(webhook_id) // 2:
             self.capped.discard(webhook_id)
             self.refill = True
+        if left > 0:
+            self.held[webhook_id] = left
+        else:
+            del self.held[webhook_id]
+            self.duration.pop(webhook_id, None)
         if self.room_filled and len(self.claimed) <= self.capacity // 2:
             self.room_filled = False
             self.refill = True
