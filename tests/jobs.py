@@ -1,10 +1,12 @@
-"""A :class:`~dispatcher.delivery.Job` for tests and benchmarks, without a database."""
+"""A :class:`~dispatcher.delivery.Job` and its :class:`~dispatcher.delivery.Outcome`
+for tests and benchmarks, without a database."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
-from dispatcher.delivery import Job
+from dispatcher.delivery import Job, Outcome
 
 
 def make_job(**fields: Any) -> Job:
@@ -30,3 +32,18 @@ def make_job(**fields: Any) -> Job:
         "body": b"{}",
     }
     return Job(**{**defaults, **fields})
+
+
+def make_outcome(job: Job, **fields: Any) -> Outcome:
+    """A 200 answer to ``job`` that took 1 ms, with ``fields`` overriding that."""
+    defaults: dict[str, Any] = {
+        "ok": True,
+        "status_code": 200,
+        "error": None,
+        "duration_ms": 1.0,
+        "attempted_at": datetime.now(timezone.utc),
+        "request_headers": {},
+        "response_headers": {},
+        "response_body": "",
+    }
+    return Outcome(job=job, **{**defaults, **fields})

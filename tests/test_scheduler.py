@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from datetime import datetime, timezone
 
 from dispatcher.config import Settings
 from dispatcher.daemon import Dispatcher
-from dispatcher.delivery import Job, Outcome
+from dispatcher.delivery import Job
 from dispatcher.scheduler import Scheduler, start_senders
-from tests.jobs import make_job
+from tests.jobs import make_job, make_outcome
 
 
 def job(webhook_id: int, n: int) -> Job:
@@ -78,18 +77,6 @@ def test_senders_never_exceed_the_limit_per_webhook() -> None:
     assert not any(t.is_alive() for t in threads)
 
 
-def _done(job: Job, duration_ms: float) -> Outcome:
-    return Outcome(
-        job=job,
-        ok=True,
-        status_code=200,
-        error=None,
-        duration_ms=duration_ms,
-        attempted_at=datetime.now(timezone.utc),
-        request_headers={},
-    )
-
-
 def test_claims_ahead_for_a_quick_webhook_and_forgets_webhooks_that_hold_nothing() -> None:
     d = Dispatcher(Settings(dsn="", per_webhook_concurrency=4, batch_size=200))
     try:
@@ -99,9 +86,9 @@ def test_claims_ahead_for_a_quick_webhook_and_forgets_webhooks_that_hold_nothing
             d.held[job.webhook_id] += 1
             d.claimed[job.delivery_id] = job
         assert d._webhook_room()[1] == 2 * 4 - 3  # not heard from yet: twice its concurrency
-        d.results.put(_done(quick[0], 2.0))
+        d.results.put(make_outcome(quick[0], duration_ms=2.0))
         for job in others:
-            d.results.put(_done(job, 2.0))
+            d.results.put(make_outcome(job, duration_ms=2.0))
         d._collect()
         # 2 ms a request: its 4 senders start 500 in a quarter of a second; the cap is 200.
         assert d._webhook_room() == {1: 200 - 2}

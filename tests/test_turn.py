@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 import psycopg
 
 from dispatcher import db
 from dispatcher.delivery import Outcome
 from dispatcher.retry import decide
 from tests.conftest import Database
+from tests.jobs import make_outcome
 
 
 def rows_read(conn: psycopg.Connection) -> dict[str, int]:
@@ -39,21 +38,7 @@ def turn(conn: psycopg.Connection, results: list[Outcome], claim: int) -> db.Cyc
 
 
 def succeeded(found: db.Cycle) -> list[Outcome]:
-    now = datetime.now(timezone.utc)
-    return [
-        Outcome(
-            job=j,
-            ok=True,
-            status_code=200,
-            error=None,
-            duration_ms=1.0,
-            attempted_at=now,
-            request_headers={},
-            response_headers={},
-            response_body="",
-        )
-        for j in found.jobs
-    ]
+    return [make_outcome(j) for j in found.jobs]
 
 
 def test_turns_read_only_the_rows_they_need(database: Database) -> None:
