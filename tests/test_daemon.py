@@ -431,6 +431,27 @@ def test_notify_only_when_a_dispatcher_is_idle(orders) -> None:
     db.heartbeat(conn, "t", idle=False)  # busy: writers pay no NOTIFY
     conn.execute("INSERT INTO orders VALUES (3, 1, 'x')")
     assert list(listener.notifies(timeout=0.3)) == []
+    # One idle dispatcher among several is enough; a stale or departed one is not.
+    db.register_dispatcher(conn, "u", "h", 2, "v")
+    db.heartbeat(conn, "u", idle=True)
+    db.heartbeat(conn, "t", idle=False)
+    conn.execute("INSERT INTO orders VALUES (4, 1, 'x')")
+    assert len(list(listener.notifies(timeout=0.3))) == 1
+    conn.execute("UPDATE webhooks.dispatcher SET seen_at = now() - interval '61 seconds'")
+    conn.execute("INSERT INTO orders VALUES (5, 1, 'x')")
+    assert list(listener.notifies(timeout=0.3)) == []
+    db.heartbeat(conn, "u", idle=True)
+    conn.execute("INSERT INTO orders VALUES (6, 1, 'x')")
+    assert len(list(listener.notifies(timeout=0.3))) == 1
+    db.unregister_dispatcher(conn, "u")
+    conn.execute("INSERT INTO orders VALUES (7, 1, 'x')")
+    assert list(listener.notifies(timeout=0.3)) == []
+    # An idle dispatcher not heard from for a minute no longer counts, even
+    # if nothing has changed in webhooks.dispatcher since.
+    db.heartbeat(conn, "t", idle=True)
+    conn.execute("SELECT setval('webhooks.wake', extract(epoch FROM now())::bigint - 1)")
+    conn.execute("INSERT INTO orders VALUES (8, 1, 'x')")
+    assert list(listener.notifies(timeout=0.3)) == []
     listener.close()
 
 

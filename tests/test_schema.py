@@ -66,10 +66,12 @@ def test_cli_migrate_applies_then_reports_nothing_to_do(empty_database: Database
         "003_capture",
         "applied",
         "004_dispatch",
+        "applied",
+        "005_lean_capture",
     ]
     second = runner.invoke(main, ["migrate", "--dsn", empty_database.dsn])
     assert second.exit_code == 0, second.output
-    assert second.output.strip() == "nothing to do: schema is at version 004"
+    assert second.output.strip() == "nothing to do: schema is at version 005"
 
 
 def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Database) -> None:
@@ -81,12 +83,12 @@ def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Databa
         again = psql_apply(empty_database.dsn)  # re-applying is a no-op
         assert "already applied" in again.stderr
         with other.connect() as c:
-            assert [m.version for m in db.migrate(c)] == ["001", "002", "003", "004"]
+            assert [m.version for m in db.migrate(c)] == ["001", "002", "003", "004", "005"]
         assert schema_dump(empty_database.dsn) == schema_dump(other.dsn)
         # The paths mix: after psql, migrate has nothing to do.
         with empty_database.connect() as c:
             assert db.migrate(c) == []
-            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (4,)
+            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (5,)
     finally:
         drop_database(other)
 
@@ -109,13 +111,14 @@ def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
         t.join(60)
     assert not errors
     # each migration is reported applied by exactly one of the four runs
-    assert sorted(reported) == ["001", "002", "003", "004"]
+    assert sorted(reported) == ["001", "002", "003", "004", "005"]
     with empty_database.connect() as c:
         assert c.execute("SELECT version FROM webhooks.schema_version ORDER BY 1").fetchall() == [
             ("001",),
             ("002",),
             ("003",),
             ("004",),
+            ("005",),
         ]
 
 
@@ -136,6 +139,7 @@ def test_wheel_ships_the_sql_and_migrates_from_another_folder(
             "dispatcher/sql/002_operations.sql",
             "dispatcher/sql/003_capture.sql",
             "dispatcher/sql/004_dispatch.sql",
+            "dispatcher/sql/005_lean_capture.sql",
         } <= set(z.namelist())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -163,7 +167,15 @@ def test_wheel_ships_the_sql_and_migrates_from_another_folder(
 
 
 def outbox(conn: psycopg.Connection) -> list[dict]:
+    """The outbox after the dispatcher's fan-out, which works out each object id."""
+    conn.execute(
+        "SELECT webhooks.dispatch_turn('test', '[]', '[]', 100000, 0, 0, '{}', '{}', '{}', "
+        "60, 10, 5)"
+    )
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        assert cur.execute(
+            "SELECT count(*) AS n FROM webhooks.outbox WHERE key_columns IS NOT NULL"
+        ).fetchone() == {"n": 0}
         cur.execute(
             "SELECT event, object_type, object_id, prechange, postchange, db_user, username, "
             "request_id FROM webhooks.outbox ORDER BY id"
@@ -240,6 +252,11 @@ def test_outbox_rows_for_uuid_composite_and_no_key(conn: psycopg.Connection) -> 
     conn.execute("UPDATE c SET a = 2")  # the key itself changes
     conn.execute("INSERT INTO n VALUES ('x')")
     conn.execute("DELETE FROM n")
+    # A change captured before migration 005, with its object id already set.
+    conn.execute(
+        "INSERT INTO webhooks.outbox (event, object_type, object_id, postchange, changed_at, "
+        "db_user) VALUES ('create', 'public.old', '7', '{\"id\": 8}', now(), 'x')"
+    )
     rows = [(r["event"], r["object_type"], r["object_id"]) for r in outbox(conn)]
     assert rows == [
         ("create", "public.u", "0b8f6f8e-3f0e-4a55-9d4e-3a3c6f1e2d10"),
@@ -247,6 +264,7 @@ def test_outbox_rows_for_uuid_composite_and_no_key(conn: psycopg.Connection) -> 
         ("update", "public.c", {"b": "k", "a": 2}),
         ("create", "public.n", None),
         ("delete", "public.n", None),
+        ("create", "public.old", 7),
     ]
 
 
