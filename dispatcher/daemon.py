@@ -8,13 +8,15 @@ The main thread sleeps on a self-pipe that three sources write to: a
 notification (or a listener reconnect), a finished request, and a signal. A
 poll timeout is the fourth, backstop, source.
 
-Idle protocol (to keep NOTIFY off the application's write path): when a check
-of the queue finds at most one new change, the dispatcher marks itself idle in
+Idle protocol (to keep NOTIFY off the application's write path): while new
+changes arrive slowly, the dispatcher marks itself idle in
 ``webhooks.dispatcher`` and checks once more; the capture triggers only NOTIFY
-while some live dispatcher is idle. When a check finds several changes (they
-arrive faster than it is woken for them) it clears the flag and polls, so a
-busy dispatcher costs the writers no NOTIFY at all, and a lightly loaded one
-is woken by each change at once.
+while some live dispatcher is idle. Once changes arrive faster than
+``DISARM_RATE`` it clears the flag and polls, so a busy dispatcher costs the
+writers no NOTIFY at all, and a lightly loaded one is woken by each change at
+once. The rate is measured over ``RATE_WINDOW``, not per turn: at a few
+thousand changes a second each turn woken by a NOTIFY finds only two or three,
+and deciding on that count kept the writers notifying.
 """
 
 from __future__ import annotations
@@ -49,10 +51,14 @@ log = logging.getLogger("danbyte.dispatcher")
 WRITE_BACK_DELAY = 0.05
 #: Reconnect backoff is capped so delivery resumes within seconds of recovery.
 MAX_BACKOFF = 5.0
-#: A turn that finds this many new changes switches from being woken by the
-#: writers' NOTIFY to polling (every ``busy_poll_interval``, 5 ms); a turn
-#: that finds at most one switches back.
-DISARM_AT = 4
+#: Above this many new changes a second, stop the writers' NOTIFYs (each one
+#: serialises commits) and poll every ``busy_poll_interval`` (5 ms) instead.
+DISARM_RATE = 500.0
+#: Below this many, be woken by NOTIFY again (apart from DISARM_RATE, so that a
+#: load near the limit does not switch at every window).
+ARM_RATE = 250.0
+#: The rate of new changes is measured over windows at least this long.
+RATE_WINDOW = 0.05
 #: Claim up to this many times what can be sent at once (overall and per
 #: webhook), so a sender that finishes starts its next job at once and each
 #: turn claims a bigger batch.
@@ -158,6 +164,8 @@ class Dispatcher:
         self.stopping = False
         self.signals = 0
         self.armed = False
+        self.window_start = 0.0  # the first window ends at the first turn
+        self.window_changes = 0
         self.recheck = True  # sweep at start-up
         self.more = False  # the last fan-out left changes behind
         self.capped: set[int] = set()  # webhooks whose last claim reached their cap
@@ -501,16 +509,19 @@ class Dispatcher:
                 else:
                     self.capped.discard(webhook_id)  # took all that was due
         self.more = found.changes >= s.batch_size
-        if found.changes >= DISARM_AT or self.more:
-            # Changes arrive faster than one per turn: stop the writers'
-            # NOTIFYs (they serialise commits) and poll instead.
-            if self.armed:
-                db.heartbeat(self._connection(), self.ident, idle=False)
-                self.armed = False
-        elif found.changes <= 1 and not self.armed:
-            # Little or nothing to do: ask the triggers to wake us (a light
-            # load stays armed, each change waking us at once), then look once
-            # more for a change that committed before the flag was visible.
+        self.window_changes += found.changes
+        elapsed = now - self.window_start
+        if not self.more and elapsed < RATE_WINDOW:
+            return
+        rate = self.window_changes / elapsed if not self.more else float("inf")
+        self.window_start, self.window_changes = now, 0
+        if rate > DISARM_RATE and self.armed:
+            # Stop the writers' NOTIFYs and poll instead.
+            db.heartbeat(self._connection(), self.ident, idle=False)
+            self.armed = False
+        elif rate < ARM_RATE and not self.armed:
+            # Ask the triggers to wake us, then look once more for a change
+            # that committed before the flag was visible.
             db.heartbeat(self._connection(), self.ident, idle=True)
             self.armed = True
             self.recheck = True
