@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import psycopg
 
 from dispatcher import db
+from dispatcher.config import Settings
+from dispatcher.daemon import RATE_WINDOW, Dispatcher
 from dispatcher.delivery import Outcome
 from dispatcher.retry import decide
 from tests.conftest import Database
@@ -80,3 +85,48 @@ def test_turns_read_only_the_rows_they_need(database: Database) -> None:
         ).fetchone()
         assert done == (210,)
         conn.close()
+
+
+def test_writers_notify_while_changes_arrive_slowly_and_not_while_they_pour_in(
+    database: Database,
+) -> None:
+    """The idle flag follows the rate of new changes, not how many one turn finds."""
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(owner, "t", None)
+        listener = database.connect()
+        listener.execute(f"LISTEN {db.CHANNEL}")
+
+        def notified() -> bool:
+            return any(not n.payload.startswith("probe:") for n in listener.notifies(timeout=0.2))
+
+        d = Dispatcher(Settings(dsn=database.dsn, batch_size=5000, retention=0))
+        try:
+
+            def step_after_window() -> None:
+                time.sleep(RATE_WINDOW * 1.2)  # a slow machine only lowers the rate
+                d._on_wake()  # as the listener thread does for a NOTIFY
+                d._step()
+
+            step_after_window()
+            assert d.armed
+            owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 5) g")
+            assert notified()
+            # Five changes in a turn, but about a hundred a second: stay woken by NOTIFY.
+            step_after_window()
+            assert d.armed
+            owner.execute("INSERT INTO t SELECT g FROM generate_series(100, 1099) g")
+            assert notified()  # still armed when it committed
+            step_after_window()
+            assert not d.armed  # a thousand in a window: poll instead
+            owner.execute("INSERT INTO t VALUES (2000)")
+            assert not notified()
+            step_after_window()
+            assert d.armed  # quiet again
+            owner.execute("INSERT INTO t VALUES (2001)")
+            assert notified()
+        finally:
+            d._drop_connection()
+            os.close(d._rfd)
+            os.close(d._wfd)
+            listener.close()
