@@ -130,3 +130,41 @@ def test_writers_notify_while_changes_arrive_slowly_and_not_while_they_pour_in(
             os.close(d._rfd)
             os.close(d._wfd)
             listener.close()
+
+
+def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Database) -> None:
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE i (id int PRIMARY KEY, v text)")
+        owner.execute("CREATE TABLE c (a int, b text, PRIMARY KEY (b, a))")
+        owner.execute("CREATE TABLE n (v text)")
+        for t in ("i", "c", "n"):
+            db.watch(owner, t, None)
+        db.add_webhook(
+            owner, {"name": "w", "payload_url": "http://127.0.0.1:9/", "triggers": ["create"]}
+        )
+        # A change captured before migration 005, with its object id set by the trigger.
+        owner.execute(
+            "INSERT INTO webhooks.outbox (event, object_type, object_id, postchange, changed_at, "
+            "db_user) VALUES ('create', 'public.old', '7', '{\"id\": 8}', now(), 'x')"
+        )
+        owner.execute("INSERT INTO i VALUES (1, 'a')")
+        owner.execute("UPDATE i SET v = 'b'")  # no webhook wants updates
+        owner.execute("INSERT INTO c VALUES (1, 'k')")
+        owner.execute("INSERT INTO n VALUES ('x')")
+        owner.execute("DELETE FROM i")  # nor deletes
+        with db.connect(database.dsn) as conn:
+            assert turn(conn, [], 0).changes == 6
+        kept = owner.execute(
+            "SELECT object_type, object_id, key_columns, dispatched_at IS NOT NULL "
+            "FROM webhooks.outbox ORDER BY id"
+        ).fetchall()
+        assert kept == [
+            ("public.old", 7, None, True),
+            ("public.i", 1, None, True),
+            ("public.c", {"b": "k", "a": 1}, None, True),
+            ("public.n", None, None, True),
+        ]
+        sent = owner.execute(
+            "SELECT d.object_type, d.object_id FROM webhooks.delivery d ORDER BY d.seq"
+        ).fetchall()
+        assert sent == [(t, i) for t, i, _, _ in kept]
