@@ -423,6 +423,7 @@ class Dispatcher:
                 "%d deliveries had an expired lease (a dispatcher died?): queued again", expired
             )
         db.forget_stale_dispatchers(conn, max(60.0, 10 * s.poll_interval))
+        db.refresh_wanted(conn)
         # Listener self-check: our own probe must come back within two intervals.
         now = time.monotonic()
         if (

@@ -143,12 +143,18 @@ def schema_version(conn: psycopg.Connection) -> str | None:
 
 
 def require_schema(conn: psycopg.Connection) -> None:
-    """Raise :class:`UserError` if the migrations have not been applied."""
+    """Raise :class:`UserError` unless every migration of this version has been applied."""
     with friendly_errors():
         versions = applied_versions(conn)
     if not versions:
         raise UserError(
             "the webhooks schema is not installed in this database: run `danbyte-webhooks migrate`"
+        )
+    latest = migrations()[-1].version
+    if max(versions) < latest:
+        raise UserError(
+            f"the webhooks schema is at version {max(versions)} but this danbyte-webhooks needs "
+            f"{latest}: run `danbyte-webhooks migrate`"
         )
 
 
@@ -178,6 +184,15 @@ def heartbeat(conn: psycopg.Connection, ident: str, idle: bool) -> None:
             "VALUES (%s, '', 0, '', %s) ON CONFLICT (id) DO NOTHING",
             (ident, idle),
         )
+
+
+def refresh_wanted(conn: psycopg.Connection) -> None:
+    """Let the capture triggers skip events that no enabled webhook wants any more.
+
+    Enabling a webhook tells the triggers at once; disabling, deleting or
+    narrowing one only takes effect here, from committed state (migration 005).
+    """
+    conn.execute("SELECT webhooks.refresh_wanted()")
 
 
 def unregister_dispatcher(conn: psycopg.Connection, ident: str) -> None:

@@ -12,7 +12,11 @@
 --    columns; the dispatcher works the id out when it fans the change out.
 --  * The query for an idle dispatcher (19,000 per statement). The triggers
 --    read a sequence instead, which webhooks.dispatcher keeps up to date.
--- And the dispatcher's fan-out deletes a change that no webhook wants rather
+-- And a statement whose event (create, update or delete) no enabled webhook
+-- wants is not captured at all: its trigger only reads a sequence (see
+-- webhooks.wanted below). Changes are only ever matched to webhooks enabled
+-- before they were made, so nothing that could be delivered is skipped.
+-- The dispatcher's fan-out deletes a change that no webhook wants rather
 -- than marking it dispatched: it was the dispatcher's main cost (in WAL and
 -- in commits competing with the application's) while the writes it sees
 -- concern no webhook.
@@ -91,20 +95,113 @@ REVOKE ALL ON FUNCTION webhooks.refresh_wake() FROM PUBLIC;
 REVOKE ALL ON FUNCTION webhooks.dispatcher_changed() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION webhooks.refresh_wake() TO danbyte_dispatcher;
 
+-- The events some enabled webhook wants, as bits: 1 create, 2 update, 4
+-- delete. The capture triggers skip the others. A webhook that is enabled, or
+-- made to want more, raises its bits at once, before its enabled_at is set:
+-- a change made after enabled_at was made after the bits were up, so it is
+-- captured. Bits are only lowered from committed state, by
+-- webhooks.refresh_wanted(), which the dispatcher runs every poll interval: a
+-- disable that is rolled back must not leave them down.
+CREATE SEQUENCE webhooks.wanted AS bigint MINVALUE 0;
+COMMENT ON SEQUENCE webhooks.wanted IS
+    'Events some enabled webhook wants (1 create, 2 update, 4 delete): the capture triggers skip the rest.';
+
+CREATE FUNCTION webhooks.event_bits(triggers text[]) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(bit_or(CASE t WHEN 'create' THEN 1 WHEN 'update' THEN 2 WHEN 'delete' THEN 4 END), 0)::bigint
+      FROM unnest(triggers) AS t
+$fn$;
+
+CREATE FUNCTION webhooks.want(triggers text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    bits bigint := webhooks.event_bits(triggers);
+    have bigint;
+BEGIN
+    -- Held until this transaction ends: refresh_wanted() must not lower the
+    -- bits from a state that does not show this webhook yet.
+    PERFORM pg_advisory_xact_lock(727364593);
+    have := coalesce(pg_sequence_last_value('webhooks.wanted'), 0);
+    IF have & bits <> bits THEN
+        PERFORM setval('webhooks.wanted', have | bits);
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION webhooks.refresh_wanted() RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    bits bigint;
+BEGIN
+    -- A webhook being enabled holds the lock until it commits; try again at
+    -- the next round rather than wait for it.
+    IF NOT pg_try_advisory_xact_lock(727364593) THEN
+        RETURN NULL;
+    END IF;
+    bits := (SELECT coalesce(bit_or(webhooks.event_bits(w.triggers)), 0)
+               FROM webhooks.webhook w WHERE w.enabled);
+    IF bits IS DISTINCT FROM pg_sequence_last_value('webhooks.wanted') THEN
+        PERFORM setval('webhooks.wanted', bits);
+    END IF;
+    RETURN bits;
+END
+$fn$;
+REVOKE ALL ON FUNCTION webhooks.want(text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION webhooks.refresh_wanted() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhooks.want(text[]) TO danbyte_integrations, danbyte_dispatcher;
+GRANT EXECUTE ON FUNCTION webhooks.refresh_wanted() TO danbyte_dispatcher;
+PERFORM webhooks.refresh_wanted();
+
+-- As in 001, raising the wanted bits first.
+CREATE OR REPLACE FUNCTION webhooks.webhook_before_write() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF NEW.enabled THEN
+        PERFORM webhooks.want(NEW.triggers);
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        NEW.created_at := now();
+        NEW.enabled_at := CASE WHEN NEW.enabled THEN clock_timestamp() END;
+    ELSE
+        NEW.created_at := OLD.created_at;
+        IF NEW.enabled AND NOT OLD.enabled THEN
+            NEW.enabled_at := clock_timestamp();
+            NEW.disabled_reason := NULL;
+        ELSIF NEW.enabled THEN
+            NEW.enabled_at := OLD.enabled_at;
+        END IF;
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$fn$;
+
 -- The capture function, as in 003 with the changes above. The same rules
 -- hold: SECURITY DEFINER without a SET clause, so every name is qualified.
 CREATE OR REPLACE FUNCTION webhooks.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 DECLARE
-    keys pg_catalog.text[] := TG_ARGV[1:];
+    keys pg_catalog.text[];
     n pg_catalog.int8;
     ts pg_catalog.timestamptz := pg_catalog.clock_timestamp();
-    who pg_catalog.text := CASE WHEN pg_catalog.current_setting('role') OPERATOR(pg_catalog.=) 'none'
-                                THEN session_user::pg_catalog.text
-                                ELSE pg_catalog.current_setting('role') END;
-    uname pg_catalog.text := pg_catalog.current_setting('danbyte.username', true);
-    rid pg_catalog.text := pg_catalog.current_setting('danbyte.request_id', true);
+    who pg_catalog.text;
+    uname pg_catalog.text;
+    rid pg_catalog.text;
+    event_bit pg_catalog.int8 := CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN 1
+                                      WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN 2
+                                      ELSE 4 END;
 BEGIN
+    -- No enabled webhook wants this event: capture nothing (see webhooks.wanted).
+    IF pg_catalog.pg_sequence_last_value('webhooks.wanted'::pg_catalog.regclass)
+       OPERATOR(pg_catalog.&) event_bit OPERATOR(pg_catalog.=) 0 THEN
+        RETURN NULL;
+    END IF;
+    keys := TG_ARGV[1:];
+    who := CASE WHEN pg_catalog.current_setting('role') OPERATOR(pg_catalog.=) 'none'
+                THEN session_user::pg_catalog.text
+                ELSE pg_catalog.current_setting('role') END;
+    uname := pg_catalog.current_setting('danbyte.username', true);
+    rid := pg_catalog.current_setting('danbyte.request_id', true);
     IF uname OPERATOR(pg_catalog.=) '' THEN uname := NULL; END IF;
     IF rid OPERATOR(pg_catalog.=) '' THEN rid := NULL; END IF;
     IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN

@@ -416,6 +416,7 @@ def test_listener_killed_and_server_restarted(
 
 def test_notify_only_when_a_dispatcher_is_idle(orders) -> None:
     conn = orders
+    add_webhook(conn, "w", "http://127.0.0.1:9/")  # else the writes capture nothing
     listener = psycopg.connect(conn.info.dsn, autocommit=True)
     listener.execute("LISTEN danbyte_webhooks")
     conn.execute("INSERT INTO orders VALUES (1, 1, 'x')")

@@ -256,6 +256,16 @@ def test_unreachable_database_and_missing_schema(empty_database: Database) -> No
         "Error: the webhooks schema is not installed in this database: run "
         "`danbyte-webhooks migrate`"
     )
+    # A schema behind this version: the dispatcher and the commands refuse it.
+    *older, newest = db.migrations()
+    with empty_database.connect() as c:
+        for mig in older:
+            c.execute(mig.text())  # type: ignore[arg-type]
+    for args in (("webhook", "list"), ("run",)):
+        assert cli.fails(*args) == (
+            f"Error: the webhooks schema is at version {older[-1].version} but this "
+            f"danbyte-webhooks needs {newest.version}: run `danbyte-webhooks migrate`"
+        )
 
 
 def test_watch_commands(cli: Cli, conn: psycopg.Connection) -> None:
@@ -410,6 +420,8 @@ def test_hostile_role_cannot_hijack_security_definer_functions(
         db.watch(c, "t2", None)
         db.register_dispatcher(c, "d", "h", 1, "v")
         db.heartbeat(c, "d", idle=True)  # so the trigger reaches pg_notify
+        # So that the trigger captures every event.
+        db.add_webhook(c, {"name": "everything", "payload_url": "http://a/"})
     with database.connect(user=evil) as c:
         for fn, args in [
             ("to_json", "anyelement"),
@@ -421,6 +433,8 @@ def test_hostile_role_cannot_hijack_security_definer_functions(
             ("unnest", "anyarray"),
             ("json_object_agg", "text, json"),
             ("row_number", ""),
+            ("pg_sequence_last_value", "regclass"),
+            ("date_part", "text, timestamptz"),
         ]:
             c.execute(
                 f"CREATE FUNCTION evil.{fn}({args}) RETURNS text LANGUAGE plpgsql AS "
@@ -433,6 +447,7 @@ def test_hostile_role_cannot_hijack_security_definer_functions(
             "<>": [("text", "text")],
             ">": [("bigint", "integer"), ("timestamptz", "timestamptz")],
             "->": [("json", "text")],
+            "&": [("bigint", "bigint")],
             "-": [("timestamptz", "interval")],
         }
         for i, (op, signatures) in enumerate(traps.items()):
@@ -468,7 +483,7 @@ def test_hostile_role_cannot_hijack_security_definer_functions(
         c.execute("UPDATE webhooks.webhook SET enabled = false")
     with database.connect() as c:
         assert c.execute("SELECT count(*) FROM webhooks.outbox").fetchone() == (6,)
-        assert c.execute("SELECT count(*) FROM webhooks.changelog").fetchone() == (2,)
+        assert c.execute("SELECT count(*) FROM webhooks.changelog").fetchone() == (4,)
 
 
 def test_webhook_test_command(cli: Cli, conn, receiver: Receiver, tls_receiver: Receiver) -> None:

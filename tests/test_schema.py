@@ -166,6 +166,18 @@ def test_wheel_ships_the_sql_and_migrates_from_another_folder(
 # ---------------------------------------------------------------------------
 
 
+def want_everything(conn: psycopg.Connection) -> None:
+    """An enabled webhook for every event: the capture triggers skip events none wants."""
+    db.add_webhook(conn, {"name": "everything", "payload_url": "http://127.0.0.1:9/"})
+
+
+@pytest.fixture
+def capturing(conn: psycopg.Connection) -> psycopg.Connection:
+    """``conn``, in a database where some webhook wants every change."""
+    want_everything(conn)
+    return conn
+
+
 def outbox(conn: psycopg.Connection) -> list[dict]:
     """The captured changes, with the object id the fan-out will give each."""
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
@@ -178,7 +190,8 @@ def outbox(conn: psycopg.Connection) -> list[dict]:
         return cur.fetchall()
 
 
-def test_watch_is_idempotent_and_unwatch_removes(conn: psycopg.Connection) -> None:
+def test_watch_is_idempotent_and_unwatch_removes(capturing: psycopg.Connection) -> None:
+    conn = capturing
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, total numeric)")
     assert db.watch(conn, "orders", None) == "public.orders"
     triggers = conn.execute(
@@ -214,7 +227,8 @@ def test_watch_rejects_views_and_unknown_tables(conn: psycopg.Connection) -> Non
         db.watch(conn, "nope", None)
 
 
-def test_outbox_rows_for_int_key(conn: psycopg.Connection) -> None:
+def test_outbox_rows_for_int_key(capturing: psycopg.Connection) -> None:
+    conn = capturing
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, total numeric, note text)")
     db.watch(conn, "orders", None)
     conn.execute("INSERT INTO orders VALUES (1, 9.5, 'a')")
@@ -236,7 +250,8 @@ def test_outbox_rows_for_int_key(conn: psycopg.Connection) -> None:
     assert {r["username"] for r in rows} == {None}
 
 
-def test_outbox_rows_for_uuid_composite_and_no_key(conn: psycopg.Connection) -> None:
+def test_outbox_rows_for_uuid_composite_and_no_key(capturing: psycopg.Connection) -> None:
+    conn = capturing
     conn.execute("CREATE TABLE u (id uuid PRIMARY KEY, v text)")
     conn.execute("CREATE TABLE c (a int, b text, v int, PRIMARY KEY (b, a))")
     conn.execute("CREATE TABLE n (v text)")
@@ -257,7 +272,8 @@ def test_outbox_rows_for_uuid_composite_and_no_key(conn: psycopg.Connection) -> 
     ]
 
 
-def test_rolled_back_changes_are_not_captured(conn: psycopg.Connection) -> None:
+def test_rolled_back_changes_are_not_captured(capturing: psycopg.Connection) -> None:
+    conn = capturing
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     db.watch(conn, "t", None)
     with pytest.raises(ZeroDivisionError), conn.transaction():
@@ -269,7 +285,8 @@ def test_rolled_back_changes_are_not_captured(conn: psycopg.Connection) -> None:
     assert len(outbox(conn)) == 1
 
 
-def test_multi_row_statements_and_awkward_column_types(conn: psycopg.Connection) -> None:
+def test_multi_row_statements_and_awkward_column_types(capturing: psycopg.Connection) -> None:
+    conn = capturing
     conn.execute(
         """
         CREATE TABLE odd (
@@ -293,7 +310,10 @@ def test_multi_row_statements_and_awkward_column_types(conn: psycopg.Connection)
     assert first["f"] == "NaN" and first["b"] == "\\x00ff"
 
 
-def test_multi_row_update_pairs_each_old_row_with_its_new_row(conn: psycopg.Connection) -> None:
+def test_multi_row_update_pairs_each_old_row_with_its_new_row(
+    capturing: psycopg.Connection,
+) -> None:
+    conn = capturing
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("CREATE TABLE nokey (a int, b text)")
     db.watch(conn, "t", None)
@@ -317,7 +337,8 @@ def test_multi_row_update_pairs_each_old_row_with_its_new_row(conn: psycopg.Conn
             assert after["a"] == -before["a"] and after["b"] == before["b"]
 
 
-def test_partitioned_table(conn: psycopg.Connection) -> None:
+def test_partitioned_table(capturing: psycopg.Connection) -> None:
+    conn = capturing
     conn.execute(
         "CREATE TABLE ev (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)"
     )
@@ -348,6 +369,7 @@ def test_application_role_needs_no_webhooks_privileges(database: Database, make_
             f"GRANT USAGE ON SEQUENCE orders_id_seq TO {app}"
         )
         db.watch(c, "orders", None)
+        want_everything(c)
     with database.connect(user=app) as c:
         assert c.execute("SELECT has_schema_privilege('webhooks', 'USAGE')").fetchone() == (False,)
         with c.transaction():
@@ -419,10 +441,71 @@ def test_good_definitions_are_accepted(conn: psycopg.Connection) -> None:
     assert row == (False, ["delete"])
 
 
-def test_json_payload_types(conn: psycopg.Connection) -> None:
+def test_json_payload_types(capturing: psycopg.Connection) -> None:
+    conn = capturing
     # outbox keeps json (column order preserved)
     conn.execute("CREATE TABLE t (z int PRIMARY KEY, a text)")
     db.watch(conn, "t", None)
     conn.execute("INSERT INTO t VALUES (1, 'x')")
     raw = conn.execute("SELECT postchange::text FROM webhooks.outbox").fetchone()
     assert raw is not None and list(json.loads(raw[0])) == ["z", "a"]
+
+
+def test_events_no_webhook_wants_are_not_captured(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    db.watch(conn, "t", None)
+
+    def captured() -> list[str]:
+        events = [r["event"] for r in outbox(conn)]
+        conn.execute("TRUNCATE webhooks.outbox")
+        return events
+
+    def refresh() -> int | None:
+        row = conn.execute("SELECT webhooks.refresh_wanted()").fetchone()
+        return row[0] if row else None
+
+    def write(i: int) -> None:
+        conn.execute("INSERT INTO t VALUES (%s, 'a')", (i,))
+        conn.execute("UPDATE t SET v = 'b' WHERE id = %s", (i,))
+        conn.execute("DELETE FROM t WHERE id = %s", (i,))
+
+    write(1)
+    assert captured() == []  # no webhook: nothing
+    db.add_webhook(
+        conn, {"name": "w", "payload_url": "http://127.0.0.1:9/", "triggers": ["create"]}
+    )
+    write(2)
+    assert captured() == ["create"]
+    db.update_webhook(conn, "w", {"triggers": ["create", "delete"]})
+    write(3)
+    assert captured() == ["create", "delete"]
+    # A disabled webhook's events are dropped once the dispatcher refreshes the
+    # bits from committed state (fan-out would find no webhook for them anyway).
+    db.update_webhook(conn, "w", {"enabled": False})
+    assert refresh() == 0
+    write(4)
+    assert captured() == []
+    # Enabling raises the bits at once, before the change commits; a refresh
+    # waits for that transaction rather than lower them from a state without it.
+    with psycopg.connect(conn.info.dsn, autocommit=True) as other:
+        with other.transaction():
+            other.execute("UPDATE webhooks.webhook SET enabled = true, triggers = '{update}'")
+            write(5)
+            assert captured() == ["update"]
+            assert refresh() is None
+            write(6)
+            assert captured() == ["update"]
+        assert refresh() == 2
+    # A rolled-back enable leaves the bits up only until the next refresh.
+    with (
+        psycopg.connect(conn.info.dsn, autocommit=True) as other,
+        pytest.raises(ZeroDivisionError),
+        other.transaction(),
+    ):
+        other.execute("UPDATE webhooks.webhook SET triggers = '{create,update,delete}'")
+        raise ZeroDivisionError
+    write(7)
+    assert captured() == ["create", "update", "delete"]
+    assert refresh() == 2
+    write(8)
+    assert captured() == ["update"]

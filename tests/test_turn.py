@@ -94,6 +94,7 @@ def test_writers_notify_while_changes_arrive_slowly_and_not_while_they_pour_in(
     with database.connect() as owner:
         owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
         db.watch(owner, "t", None)
+        db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
         listener = database.connect()
         listener.execute(f"LISTEN {db.CHANNEL}")
 
@@ -137,10 +138,17 @@ def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Da
         owner.execute("CREATE TABLE i (id int PRIMARY KEY, v text)")
         owner.execute("CREATE TABLE c (a int, b text, PRIMARY KEY (b, a))")
         owner.execute("CREATE TABLE n (v text)")
-        for t in ("i", "c", "n"):
+        owner.execute("CREATE TABLE x (id int PRIMARY KEY)")
+        for t in ("i", "c", "n", "x"):
             db.watch(owner, t, None)
         db.add_webhook(
-            owner, {"name": "w", "payload_url": "http://127.0.0.1:9/", "triggers": ["create"]}
+            owner,
+            {
+                "name": "w",
+                "payload_url": "http://127.0.0.1:9/",
+                "triggers": ["create", "update"],
+                "object_types": ["public.i", "public.c", "public.n", "public.old"],
+            },
         )
         # A change captured before migration 005, with its object id set by the trigger.
         owner.execute(
@@ -148,10 +156,12 @@ def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Da
             "db_user) VALUES ('create', 'public.old', '7', '{\"id\": 8}', now(), 'x')"
         )
         owner.execute("INSERT INTO i VALUES (1, 'a')")
-        owner.execute("UPDATE i SET v = 'b'")  # no webhook wants updates
+        owner.execute("INSERT INTO x VALUES (1)")  # captured (a create), wanted by no webhook
         owner.execute("INSERT INTO c VALUES (1, 'k')")
+        owner.execute("UPDATE c SET a = 2")  # the key itself changes
         owner.execute("INSERT INTO n VALUES ('x')")
-        owner.execute("DELETE FROM i")  # nor deletes
+        owner.execute("DELETE FROM i")  # no webhook wants deletes: not even captured
+        assert owner.execute("SELECT count(*) FROM webhooks.outbox").fetchone() == (6,)
         with db.connect(database.dsn) as conn:
             assert turn(conn, [], 0).changes == 6
         kept = owner.execute(
@@ -162,6 +172,7 @@ def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Da
             ("public.old", 7, None, True),
             ("public.i", 1, None, True),
             ("public.c", {"b": "k", "a": 1}, None, True),
+            ("public.c", {"b": "k", "a": 2}, None, True),
             ("public.n", None, None, True),
         ]
         sent = owner.execute(
