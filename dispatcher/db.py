@@ -342,7 +342,7 @@ def cycle(
        A delivery whose lease another dispatcher took over keeps its state,
        but the attempt is still logged: it happened;
     2. turn up to ``fan_out_limit`` captured changes into deliveries, one per
-       matching webhook (a change matching none is just marked dispatched);
+       matching webhook (a change matching none is deleted);
     3. lease up to ``claim_limit`` due deliveries to ``me``, at most
        ``room[w]`` for each webhook ``w`` listed there (none if it is 0 or
        less) and ``per_webhook`` for any other, for ``lease`` seconds (at

@@ -258,7 +258,10 @@ RETURNS json
 -- cost about 1.5 ms of server time per turn, 200 times a second while polling.
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off AS $fn$
+SET enable_seqscan = off
+-- No JIT, whatever the connection asks for: with sequential scans disabled a
+-- plan's cost can exceed jit_above_cost, and compiling it took a second.
+SET jit = off AS $fn$
 DECLARE
     changes integer := 0;
     jobs json;
