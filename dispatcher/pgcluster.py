@@ -173,11 +173,15 @@ class TempCluster:
                 time.sleep(0.2)
         raise RuntimeError(f"could not start PostgreSQL: {last_error}; see {self.logfile}")
 
-    def restart(self) -> None:
-        """Stop (fast) and start again on the same port: clients lose their connections."""
+    def stop_server(self) -> None:
+        """Stop the server (fast: clients are disconnected), keeping its files."""
         self._run(
             [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"]
         )
+
+    def restart(self) -> None:
+        """Stop (fast) and start again on the same port: clients lose their connections."""
+        self.stop_server()
         self._start_server()
 
     def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
