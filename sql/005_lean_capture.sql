@@ -3,7 +3,8 @@
 --
 -- Three costs leave the application's write path (instructions counted with
 -- valgrind for a single-row INSERT into a watched table; see the README's
--- Benchmarks): 180,000 added instructions become about 109,000.
+-- Benchmarks, `python -m tests.bench.instructions`): 180,000 added
+-- instructions become about 114,000.
 --  * The CHECK on outbox.event (35,000 per statement: PostgreSQL parses and
 --    plans a table's CHECK expressions again in every statement). Only the
 --    capture trigger writes the outbox, and it writes the three events.
