@@ -39,6 +39,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dispatcher import db
 from dispatcher.pgcluster import TempCluster, find_bindir, free_port
+from tests.bench import create_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,13 +104,7 @@ class Bench:
         assert self.receiver.stdout.readline().strip() == "ready"
         self.template = self._create("danbyte_bench_tpl")
         with psycopg.connect(self.dsn(self.template), autocommit=True) as c:
-            db.migrate(c)
-            c.execute(
-                "CREATE TABLE bench (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, "
-                "v text NOT NULL DEFAULT 'x')"
-            )
-            c.execute("CREATE TABLE plain (LIKE bench INCLUDING ALL)")
-            c.execute("SELECT webhooks.watch('bench')")
+            create_tables(c)
             # The reference point: a bare row trigger inserting into the
             # same outbox, with none of the product's duties (no SECURITY DEFINER,
             # no wake-up check, no acting user or request id).

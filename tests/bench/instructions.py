@@ -28,6 +28,7 @@ import psycopg
 
 from dispatcher import db
 from dispatcher.pgcluster import TempCluster
+from tests.bench import create_tables
 
 #: name -> (statement inside the loop, rows per statement). Every run gets
 #: rows of its own ({base}): rows left dead by an earlier rolled-back run
@@ -58,13 +59,7 @@ def setup(cluster: TempCluster) -> None:
     with psycopg.connect(cluster.dsn(), autocommit=True) as c:
         c.execute("CREATE DATABASE template_bench")
     with psycopg.connect(cluster.dsn("template_bench"), autocommit=True) as c:
-        db.migrate(c)
-        c.execute(
-            "CREATE TABLE bench (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, "
-            "v text NOT NULL DEFAULT 'x')"
-        )
-        c.execute("CREATE TABLE plain (LIKE bench INCLUDING ALL)")
-        c.execute("SELECT webhooks.watch('bench')")
+        create_tables(c)
         db.add_webhook(c, {"name": "all", "payload_url": "http://127.0.0.1:9/"})
         for t in ("bench", "plain"):
             c.execute(f"INSERT INTO {t} (id) SELECT g FROM generate_series(1, {ROWS}) g")
