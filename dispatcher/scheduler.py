@@ -56,12 +56,34 @@ class Scheduler:
                 return job
         return None
 
-    def take(self) -> Job | None:
-        """The next job allowed to run, waiting for one; None once closed."""
+    def _release(self, job: Job) -> None:
+        left = self._running[job.webhook_id] - 1
+        if left:
+            self._running[job.webhook_id] = left
+        else:
+            del self._running[job.webhook_id]
+
+    def _wake_for(self, webhook_id: int) -> None:
+        # A waiting thread can use the slot just freed only if this webhook
+        # has jobs queued and a slot is still free once we took ours.
+        if webhook_id in self._queues and self._running.get(webhook_id, 0) < self.per_webhook:
+            self._ready.notify()
+
+    def take(self, after: Job | None = None) -> Job | None:
+        """The next job allowed to run, waiting for one; None once closed.
+
+        ``after``, a job this thread took before, is finished first, under the
+        same lock: the thread usually takes the slot it frees itself, so no
+        other thread is woken for nothing.
+        """
         with self._lock:
+            if after is not None:
+                self._release(after)
             while not self._closed:
                 job = self._next()
                 if job is not None:
+                    if after is not None:
+                        self._wake_for(after.webhook_id)
                     return job
                 self._ready.wait()
             return None
@@ -69,13 +91,8 @@ class Scheduler:
     def finished(self, job: Job) -> None:
         """``job`` (from :meth:`take`) is done: its webhook may start another."""
         with self._lock:
-            left = self._running[job.webhook_id] - 1
-            if left:
-                self._running[job.webhook_id] = left
-            else:
-                del self._running[job.webhook_id]
-            if job.webhook_id in self._queues:
-                self._ready.notify()
+            self._release(job)
+            self._wake_for(job.webhook_id)
 
     def unstarted(self) -> list[Job]:
         """Remove and return every queued job that has not started."""
@@ -106,11 +123,14 @@ def start_senders(
     """
 
     def loop() -> None:
-        while (job := scheduler.take()) is not None:
+        job = scheduler.take()
+        while job is not None:
             try:
                 send(job)
-            finally:
+            except BaseException:
                 scheduler.finished(job)
+                raise
+            job = scheduler.take(after=job)
 
     threads = [threading.Thread(target=loop, name=f"sender-{i}", daemon=True) for i in range(n)]
     for t in threads:
