@@ -503,7 +503,10 @@ class Dispatcher:
         # behind: claim again once the room is back to half (see _forget).
         self.room_filled = room == 0 or len(found.jobs) >= room
         if room:
-            for webhook_id in took.keys() | self.capped:
+            # Every webhook holding jobs, not only those capped before: one
+            # whose refill came at a slightly higher cap (its request times
+            # moved) may be asked for nothing now, and must be refilled later.
+            for webhook_id in took.keys() | webhook_room.keys():
                 asked = webhook_room.get(webhook_id, default_room)
                 if took[webhook_id] >= asked:
                     self.capped.add(webhook_id)  # asked == 0 too: not looked at

@@ -13,7 +13,7 @@ from dispatcher.daemon import RATE_WINDOW, Dispatcher
 from dispatcher.delivery import Outcome
 from dispatcher.retry import decide
 from tests.conftest import Database
-from tests.jobs import make_outcome
+from tests.jobs import make_job, make_outcome
 
 
 def rows_read(conn: psycopg.Connection) -> dict[str, int]:
@@ -179,3 +179,43 @@ def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Da
             "SELECT d.object_type, d.object_id FROM webhooks.delivery d ORDER BY d.seq"
         ).fetchall()
         assert sent == [(t, i) for t, i, _, _ in kept]
+
+
+def test_a_webhook_asked_for_nothing_is_refilled_once_half_its_jobs_are_done(
+    database: Database,
+) -> None:
+    """Its cap moves with its request times: a refill that came at a higher cap
+    may find it above half the new one. It must be refilled later all the same."""
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(owner, "t", None)
+        webhook = db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
+        owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 300) g")
+        d = Dispatcher(
+            Settings(dsn=database.dsn, per_webhook_concurrency=8, batch_size=200, retention=0)
+        )
+        try:
+            d._on_wake()
+            d._step()  # fans out, claims twice the concurrency
+            assert d.held[webhook] == 16 and d.capped == {webhook}
+            # 24.6 ms a request: the cap is 8 + 8 * 0.25 / 0.0246 = 89; hold 45 of them.
+            d.duration[webhook] = 0.0246
+            claimed = list(d.claimed.values())
+            for i in range(29):
+                job = make_job(delivery_id=f"x{i}", webhook_id=webhook)
+                d.claimed[job.delivery_id] = job
+                d.held[webhook] += 1
+            assert d._cap(webhook) == 89
+            # As if a refill had fired at a cap of 90 (half: 45) just before.
+            d.capped.clear()
+            d.refill = True
+            d._step()
+            assert d.held[webhook] == 45  # above half of 89: asked for nothing
+            assert d.capped == {webhook}
+            d.results.put(make_outcome(claimed[0], duration_ms=24.6))
+            d._collect()  # 44 held: half of 89
+            assert d.refill
+        finally:
+            d._drop_connection()
+            os.close(d._rfd)
+            os.close(d._wfd)
