@@ -1,12 +1,31 @@
 """A :class:`~dispatcher.delivery.Job` and its :class:`~dispatcher.delivery.Outcome`
-for tests and benchmarks, without a database."""
+for tests and benchmarks, without a database; and a dispatcher whose turns a
+test drives by hand."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
+from dispatcher.config import Settings
+from dispatcher.daemon import Dispatcher
 from dispatcher.delivery import Job, Outcome
+
+
+@contextmanager
+def stepped_dispatcher(settings: Settings) -> Iterator[Dispatcher]:
+    """A :class:`Dispatcher` that is never run (no threads): the test calls its
+    steps. Its database connection and wake-up pipe are closed afterwards."""
+    d = Dispatcher(settings)
+    try:
+        yield d
+    finally:
+        d._drop_connection()
+        os.close(d._rfd)
+        os.close(d._wfd)
 
 
 def make_job(**fields: Any) -> Job:

@@ -3,15 +3,13 @@ and how much the dispatcher claims ahead for each webhook."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 from dispatcher.config import Settings
-from dispatcher.daemon import Dispatcher
 from dispatcher.delivery import Job
 from dispatcher.scheduler import Scheduler, start_senders
-from tests.jobs import make_job, make_outcome
+from tests.jobs import make_job, make_outcome, stepped_dispatcher
 
 
 def job(webhook_id: int, n: int) -> Job:
@@ -78,8 +76,7 @@ def test_senders_never_exceed_the_limit_per_webhook() -> None:
 
 
 def test_claims_ahead_for_a_quick_webhook_and_forgets_webhooks_that_hold_nothing() -> None:
-    d = Dispatcher(Settings(dsn="", per_webhook_concurrency=4, batch_size=200))
-    try:
+    with stepped_dispatcher(Settings(dsn="", per_webhook_concurrency=4, batch_size=200)) as d:
         quick = [make_job(delivery_id=f"q{i}", webhook_id=1) for i in range(3)]
         others = [make_job(delivery_id=f"o{i}", webhook_id=100 + i) for i in range(1000)]
         for job in quick + others:
@@ -93,6 +90,3 @@ def test_claims_ahead_for_a_quick_webhook_and_forgets_webhooks_that_hold_nothing
         # 2 ms a request: its 4 senders start 500 in a quarter of a second; the cap is 200.
         assert d._webhook_room() == {1: 200 - 2}
         assert set(d.duration) == {1}  # nothing kept for the 1,000 that hold nothing now
-    finally:
-        os.close(d._rfd)
-        os.close(d._wfd)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import psycopg
 
 from dispatcher import db
 from dispatcher.config import Settings
-from dispatcher.daemon import RATE_WINDOW, Dispatcher
+from dispatcher.daemon import RATE_WINDOW
 from dispatcher.delivery import Outcome
 from dispatcher.retry import decide
 from tests.conftest import Database
-from tests.jobs import make_job, make_outcome
+from tests.jobs import make_job, make_outcome, stepped_dispatcher
 
 
 def rows_read(conn: psycopg.Connection) -> dict[str, int]:
@@ -95,14 +94,14 @@ def test_writers_notify_while_changes_arrive_slowly_and_not_while_they_pour_in(
         owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
         db.watch(owner, "t", None)
         db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
-        listener = database.connect()
-        listener.execute(f"LISTEN {db.CHANNEL}")
+        settings = Settings(dsn=database.dsn, batch_size=5000, retention=0)
+        with database.connect() as listener, stepped_dispatcher(settings) as d:
+            listener.execute(f"LISTEN {db.CHANNEL}")
 
-        def notified() -> bool:
-            return any(not n.payload.startswith("probe:") for n in listener.notifies(timeout=0.2))
-
-        d = Dispatcher(Settings(dsn=database.dsn, batch_size=5000, retention=0))
-        try:
+            def notified() -> bool:
+                return any(
+                    not n.payload.startswith("probe:") for n in listener.notifies(timeout=0.2)
+                )
 
             def step_after_window() -> None:
                 time.sleep(RATE_WINDOW * 1.2)  # a slow machine only lowers the rate
@@ -126,11 +125,6 @@ def test_writers_notify_while_changes_arrive_slowly_and_not_while_they_pour_in(
             assert d.armed  # quiet again
             owner.execute("INSERT INTO t VALUES (2001)")
             assert notified()
-        finally:
-            d._drop_connection()
-            os.close(d._rfd)
-            os.close(d._wfd)
-            listener.close()
 
 
 def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Database) -> None:
@@ -191,10 +185,10 @@ def test_a_webhook_asked_for_nothing_is_refilled_once_half_its_jobs_are_done(
         db.watch(owner, "t", None)
         webhook = db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
         owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 300) g")
-        d = Dispatcher(
-            Settings(dsn=database.dsn, per_webhook_concurrency=8, batch_size=200, retention=0)
+        settings = Settings(
+            dsn=database.dsn, per_webhook_concurrency=8, batch_size=200, retention=0
         )
-        try:
+        with stepped_dispatcher(settings) as d:
             d._on_wake()
             d._step()  # fans out, claims twice the concurrency
             assert d.held[webhook] == 16 and d.capped == {webhook}
@@ -215,7 +209,3 @@ def test_a_webhook_asked_for_nothing_is_refilled_once_half_its_jobs_are_done(
             d.results.put(make_outcome(claimed[0], duration_ms=24.6))
             d._collect()  # 44 held: half of 89
             assert d.refill
-        finally:
-            d._drop_connection()
-            os.close(d._rfd)
-            os.close(d._wfd)
