@@ -341,13 +341,17 @@ def cycle(
     1. record ``results`` (attempts, new states; a 410 disables its webhook).
        A delivery whose lease another dispatcher took over keeps its state,
        but the attempt is still logged: it happened;
-    2. turn up to ``fan_out_limit`` captured changes into deliveries, one per
-       matching webhook (a change matching none is deleted);
-    3. lease up to ``claim_limit`` due deliveries to ``me``, at most
+    2. lease up to ``claim_limit`` due deliveries to ``me``, at most
        ``room[w]`` for each webhook ``w`` listed there (none if it is 0 or
        less) and ``per_webhook`` for any other, for ``lease`` seconds (at
-       least the request timeout plus :data:`LEASE_SLACK`). Jobs carry the
-       time they must start by.
+       least the request timeout plus :data:`LEASE_SLACK`);
+    3. turn up to ``fan_out_limit`` captured changes into deliveries, one per
+       matching webhook (a change matching none is deleted), leasing at once
+       those that the room left after step 2 allows.
+
+    Jobs carry the time they must start by. The turn commits without waiting
+    for its WAL flush: what a server crash takes back is done again under
+    the same delivery ids.
     """
     room = room or {}
     full = [w for w, n in room.items() if n <= 0]
@@ -385,7 +389,8 @@ def cycle(
 
 
 def fan_out(conn: psycopg.Connection, limit: int) -> int:
-    """Turn up to ``limit`` captured changes into deliveries; return how many were taken."""
+    """Turn up to ``limit`` captured changes into deliveries (step 3 of :func:`cycle`, leasing
+    none); return how many were taken."""
     return cycle(conn, me="", fan_out_limit=limit).changes
 
 
@@ -399,7 +404,7 @@ def claim(
     default_timeout: float,
 ) -> list[Job]:
     """Lease up to ``limit`` due deliveries to ``me``, at most ``per_webhook`` per
-    webhook (step 3 of :func:`cycle`)."""
+    webhook (step 2 of :func:`cycle`)."""
     return cycle(
         conn,
         me=me,

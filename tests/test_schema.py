@@ -37,6 +37,19 @@ def psql_apply(dsn: str) -> subprocess.CompletedProcess[str]:
     return out
 
 
+#: Every migration, in order: written out, so a file missing from the
+#: checkout or the wheel fails the tests below.
+MIGRATIONS = [
+    "001_init",
+    "002_operations",
+    "003_capture",
+    "004_dispatch",
+    "005_lean_capture",
+    "006_quick_turn",
+]
+VERSIONS = [name[:3] for name in MIGRATIONS]
+
+
 def schema_dump(dsn: str) -> str:
     assert BINDIR is not None
     out = subprocess.run(
@@ -57,21 +70,10 @@ def test_cli_migrate_applies_then_reports_nothing_to_do(empty_database: Database
     runner = CliRunner()
     first = runner.invoke(main, ["migrate", "--dsn", empty_database.dsn])
     assert first.exit_code == 0, first.output
-    assert first.output.split() == [
-        "applied",
-        "001_init",
-        "applied",
-        "002_operations",
-        "applied",
-        "003_capture",
-        "applied",
-        "004_dispatch",
-        "applied",
-        "005_lean_capture",
-    ]
+    assert first.output.split() == [word for name in MIGRATIONS for word in ("applied", name)]
     second = runner.invoke(main, ["migrate", "--dsn", empty_database.dsn])
     assert second.exit_code == 0, second.output
-    assert second.output.strip() == "nothing to do: schema is at version 005"
+    assert second.output.strip() == f"nothing to do: schema is at version {VERSIONS[-1]}"
 
 
 def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Database) -> None:
@@ -83,12 +85,14 @@ def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Databa
         again = psql_apply(empty_database.dsn)  # re-applying is a no-op
         assert "already applied" in again.stderr
         with other.connect() as c:
-            assert [m.version for m in db.migrate(c)] == ["001", "002", "003", "004", "005"]
+            assert [m.version for m in db.migrate(c)] == VERSIONS
         assert schema_dump(empty_database.dsn) == schema_dump(other.dsn)
         # The paths mix: after psql, migrate has nothing to do.
         with empty_database.connect() as c:
             assert db.migrate(c) == []
-            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (5,)
+            assert c.execute("SELECT count(*) FROM webhooks.schema_version").fetchone() == (
+                len(VERSIONS),
+            )
     finally:
         drop_database(other)
 
@@ -111,14 +115,10 @@ def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
         t.join(60)
     assert not errors
     # each migration is reported applied by exactly one of the four runs
-    assert sorted(reported) == ["001", "002", "003", "004", "005"]
+    assert sorted(reported) == VERSIONS
     with empty_database.connect() as c:
         assert c.execute("SELECT version FROM webhooks.schema_version ORDER BY 1").fetchall() == [
-            ("001",),
-            ("002",),
-            ("003",),
-            ("004",),
-            ("005",),
+            (v,) for v in VERSIONS
         ]
 
 
@@ -134,13 +134,7 @@ def test_wheel_ships_the_sql_and_migrates_from_another_folder(
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)
-        assert {
-            "dispatcher/sql/001_init.sql",
-            "dispatcher/sql/002_operations.sql",
-            "dispatcher/sql/003_capture.sql",
-            "dispatcher/sql/004_dispatch.sql",
-            "dispatcher/sql/005_lean_capture.sql",
-        } <= set(z.namelist())
+        assert {f"dispatcher/sql/{name}.sql" for name in MIGRATIONS} <= set(z.namelist())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}

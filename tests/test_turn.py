@@ -209,3 +209,118 @@ def test_a_webhook_asked_for_nothing_is_refilled_once_half_its_jobs_are_done(
             d.results.put(make_outcome(claimed[0], duration_ms=24.6))
             d._collect()  # 44 held: half of 89
             assert d.refill
+
+
+def delivery_states(owner: psycopg.Connection) -> list[tuple[int, int, str]]:
+    """(object id, webhook id, state) of every delivery, oldest change first."""
+    return [
+        (int(oid), int(wid), state)
+        for oid, wid, state in owner.execute(
+            "SELECT object_id, webhook_id, state FROM webhooks.delivery "
+            "ORDER BY outbox_id, webhook_id"
+        )
+    ]
+
+
+def delivery_updates(conn: psycopg.Connection) -> int:
+    """Delivery rows updated so far, counting those ``conn`` updated."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT 1")  # the backend flushes its statistics when next idle
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'webhooks.delivery'::regclass"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_new_deliveries_are_leased_as_they_are_made_where_their_webhook_has_room(
+    database: Database,
+) -> None:
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(owner, "t", None)
+        a = db.add_webhook(owner, {"name": "a", "payload_url": "http://127.0.0.1:9/a"})
+        b = db.add_webhook(owner, {"name": "b", "payload_url": "http://127.0.0.1:9/b"})
+        owner.execute("INSERT INTO t VALUES (1)")
+        with db.connect(database.dsn) as conn:
+            # Made pending: this turn may lease nothing.
+            assert db.fan_out(conn, 200) == 1
+            assert delivery_states(owner) == [(1, a, "pending"), (1, b, "pending")]
+            owner.execute("INSERT INTO t SELECT g FROM generate_series(2, 4) g")
+            updates = delivery_updates(conn)
+            # Up to two for each webhook, three in all: each webhook's older
+            # delivery first, then new ones, oldest change first.
+            found = db.cycle(
+                conn,
+                me="me",
+                fan_out_limit=200,
+                claim_limit=3,
+                per_webhook=2,
+                lease=60.0,
+                default_timeout=10.0,
+            )
+            assert found.changes == 3
+            assert [(j.webhook_id, j.object_id) for j in found.jobs] == [(a, 1), (b, 1), (a, 2)]
+            assert delivery_states(owner) == [
+                (1, a, "sending"),
+                (1, b, "sending"),
+                (2, a, "sending"),
+                (2, b, "pending"),
+                (3, a, "pending"),
+                (3, b, "pending"),
+                (4, a, "pending"),
+                (4, b, "pending"),
+            ]
+            # Only the two older deliveries were updated to lease them.
+            assert delivery_updates(conn) - updates == 2
+            leases = owner.execute(
+                "SELECT DISTINCT claimed_by, lease_until > now() + interval '59 seconds' "
+                "FROM webhooks.delivery WHERE state = 'sending'"
+            ).fetchall()
+            assert leases == [("me", True)]
+            # A full webhook gets nothing, and one with room its older delivery first.
+            owner.execute("INSERT INTO t VALUES (5)")
+            found = db.cycle(
+                conn,
+                me="me",
+                fan_out_limit=200,
+                claim_limit=10,
+                per_webhook=2,
+                room={a: 0, b: 1},
+                lease=60.0,
+                default_timeout=10.0,
+            )
+            assert [(j.webhook_id, j.object_id) for j in found.jobs] == [(b, 2)]
+            assert delivery_states(owner)[-2:] == [(5, a, "pending"), (5, b, "pending")]
+
+
+def test_a_fan_out_that_is_lost_makes_the_same_delivery_ids_again(database: Database) -> None:
+    """A turn rolled back (or lost in a crash before its WAL was flushed) is
+    done again under the same ids: a request already sent for it and the one
+    sent again carry the same X-Danbyte-Delivery."""
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(owner, "t", None)
+        db.add_webhook(owner, {"name": "a", "payload_url": "http://127.0.0.1:9/a"})
+        db.add_webhook(owner, {"name": "b", "payload_url": "http://127.0.0.1:9/b"})
+        owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 3) g")
+        with db.connect(database.dsn) as conn:
+            # (The test server itself runs without synchronous commits.)
+            conn.execute("SET synchronous_commit = on")
+            with conn.transaction(force_rollback=True):
+                first = turn(conn, [], 10).jobs
+                # The turn does not wait for its WAL flush, and only the turn.
+                assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+            again = turn(conn, [], 10).jobs
+        assert len(first) == 6
+        assert [j.delivery_id for j in again] == [j.delivery_id for j in first]
+        assert len({j.delivery_id for j in first}) == 6
+        ids = owner.execute(
+            "SELECT d.id = webhooks.delivery_uuid(d.outbox_id, d.webhook_id, o.changed_at), "
+            "substr(d.id::text, 15, 1), substr(d.id::text, 20, 1) IN ('8', '9', 'a', 'b') "
+            "FROM webhooks.delivery d JOIN webhooks.outbox o "
+            "ON o.id = d.outbox_id"
+        ).fetchall()
+        assert ids == [(True, "3", True)] * 6  # version 3, RFC 4122 variant
