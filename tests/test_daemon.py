@@ -337,6 +337,12 @@ def test_sigterm_finishes_the_request_in_flight(orders, receiver: Receiver, daem
     assert d.wait(30) == 0
     assert deliveries(conn) == [("slow", "create", "succeeded", 200, None, 1)]
     assert conn.execute("SELECT count(*) FROM webhooks.dispatcher").fetchone() == (0,)
+    # Log lines are written by a thread of their own: the last ones, logged
+    # just before the exit, are written all the same.
+    lines = d.output().splitlines()
+    stopping = next(i for i, line in enumerate(lines) if "stopping: finishing 1 requests" in line)
+    assert any("webhook=slow event=create" in x and "status=200" in x for x in lines[stopping:])
+    assert lines[-1].endswith(" stopped")
 
 
 def test_sigterm_gives_back_claimed_deliveries_not_yet_started(
