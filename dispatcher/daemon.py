@@ -474,7 +474,10 @@ class Dispatcher:
             self._connection(),
             me=self.ident,
             results=results,
-            fan_out_limit=s.batch_size if look else 0,
+            # With no room to claim, new changes wait in the outbox: fanned out
+            # now, their deliveries would be made pending and claimed later,
+            # a row version more each.
+            fan_out_limit=s.batch_size if look and room else 0,
             claim_limit=room,
             per_webhook=default_room,
             room=webhook_room,
@@ -512,7 +515,7 @@ class Dispatcher:
                     self.capped.add(webhook_id)  # asked == 0 too: not looked at
                 else:
                     self.capped.discard(webhook_id)  # took all that was due
-        self.more = found.changes >= s.batch_size
+        self.more = found.more
         self.window_changes += found.changes
         elapsed = now - self.window_start
         if not self.more and elapsed < RATE_WINDOW:

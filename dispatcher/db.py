@@ -317,9 +317,11 @@ SELECT webhooks.dispatch_turn(
 
 @dataclass
 class Cycle:
-    """What one :func:`cycle` found: changes fanned out, and the jobs claimed."""
+    """What one :func:`cycle` found: changes fanned out, whether there may be
+    more, and the jobs claimed."""
 
     changes: int
+    more: bool
     jobs: list[Job]
 
 
@@ -347,7 +349,9 @@ def cycle(
        least the request timeout plus :data:`LEASE_SLACK`);
     3. turn up to ``fan_out_limit`` captured changes into deliveries, one per
        matching webhook (a change matching none is deleted), leasing at once
-       those that the room left after step 2 allows.
+       those that the room left after step 2 allows. When it claims, no more
+       changes than step 2 left room for: ``more`` says it found as many as
+       it looked for, so there may be others.
 
     Jobs carry the time they must start by. The turn commits without waiting
     for its WAL flush: what a server crash takes back is done again under
@@ -384,6 +388,7 @@ def cycle(
     turn = row[0]
     return Cycle(
         turn["changes"],
+        turn["more"],
         [_job(r, default_timeout, started, lease) for r in turn["jobs"]],
     )
 

@@ -10,6 +10,11 @@
 --    saves a row version and its index entries (five) per delivery on the
 --    way from a change to its request, a third of the delivery table's
 --    writes.
+--  * While it claims, the turn fans out only as many changes as the claim
+--    left room for (the rest wait in the outbox, which is as good a queue),
+--    so that under a backlog, too, new deliveries are made already leased
+--    rather than pending and claimed later. It says whether it found as many
+--    changes as it looked for ("more"): then the dispatcher looks again.
 --  * A delivery's id is derived from its change and its webhook
 --    (webhooks.delivery_uuid), instead of drawn at random. A turn that is
 --    lost (its transaction rolled back, or not yet on disk when PostgreSQL
@@ -93,6 +98,7 @@ DECLARE
     claimed_ids uuid[] := '{}';
     claimed_for bigint[] := '{}';  -- the webhook of each claimed_ids
     leased_ids uuid[] := '{}';
+    fan_limit integer := fan_out_limit;
 BEGIN
     -- The turn commits without waiting for its WAL flush (until the end of
     -- this transaction only). Safe because everything a crash could take
@@ -179,12 +185,16 @@ BEGIN
           FROM claimed;
     END IF;
 
-    IF fan_out_limit > 0 THEN
+    IF claim_limit > 0 THEN
+        -- No more changes than the claim left room for (see the top).
+        fan_limit := least(fan_out_limit, claim_limit - cardinality(claimed_ids));
+    END IF;
+    IF fan_limit > 0 THEN
         WITH batch AS (
             SELECT id, event, object_type, changed_at FROM webhooks.outbox
              WHERE dispatched_at IS NULL
              ORDER BY id
-             LIMIT fan_out_limit
+             LIMIT fan_limit
              -- SKIP LOCKED: concurrent dispatchers take disjoint batches instead of
              -- queueing behind each other's row locks.
                FOR UPDATE SKIP LOCKED
@@ -264,7 +274,8 @@ BEGIN
           FROM webhooks.job j
          WHERE j.delivery_id = ANY (claimed_ids || leased_ids);
     END IF;
-    RETURN json_build_object('changes', changes, 'jobs', coalesce(jobs, '[]'::json));
+    RETURN json_build_object('changes', changes, 'more', fan_limit > 0 AND changes >= fan_limit,
+                             'jobs', coalesce(jobs, '[]'::json));
 END
 $fn$;
 

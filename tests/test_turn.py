@@ -247,30 +247,32 @@ def test_new_deliveries_are_leased_as_they_are_made_where_their_webhook_has_room
             # Made pending: this turn may lease nothing.
             assert db.fan_out(conn, 200) == 1
             assert delivery_states(owner) == [(1, a, "pending"), (1, b, "pending")]
-            owner.execute("INSERT INTO t SELECT g FROM generate_series(2, 4) g")
+            owner.execute("INSERT INTO t SELECT g FROM generate_series(2, 5) g")
             updates = delivery_updates(conn)
-            # Up to two for each webhook, three in all: each webhook's older
-            # delivery first, then new ones, oldest change first.
-            found = db.cycle(
-                conn,
-                me="me",
-                fan_out_limit=200,
-                claim_limit=3,
-                per_webhook=2,
-                lease=60.0,
-                default_timeout=10.0,
-            )
-            assert found.changes == 3
+
+            def cycle(claim_limit: int, **room: int) -> db.Cycle:
+                ids = {"a": a, "b": b}
+                return db.cycle(
+                    conn,
+                    me="me",
+                    fan_out_limit=200,
+                    claim_limit=claim_limit,
+                    per_webhook=2,
+                    room={ids[name]: n for name, n in room.items()},
+                    lease=60.0,
+                    default_timeout=10.0,
+                )
+
+            # Three in all: the older deliveries first, then only as many
+            # changes as are left room for, oldest first.
+            found = cycle(3)
+            assert (found.changes, found.more) == (1, True)
             assert [(j.webhook_id, j.object_id) for j in found.jobs] == [(a, 1), (b, 1), (a, 2)]
             assert delivery_states(owner) == [
                 (1, a, "sending"),
                 (1, b, "sending"),
                 (2, a, "sending"),
-                (2, b, "pending"),
-                (3, a, "pending"),
-                (3, b, "pending"),
-                (4, a, "pending"),
-                (4, b, "pending"),
+                (2, b, "pending"),  # over the turn's limit
             ]
             # Only the two older deliveries were updated to lease them.
             assert delivery_updates(conn) - updates == 2
@@ -279,20 +281,24 @@ def test_new_deliveries_are_leased_as_they_are_made_where_their_webhook_has_room
                 "FROM webhooks.delivery WHERE state = 'sending'"
             ).fetchall()
             assert leases == [("me", True)]
-            # A full webhook gets nothing, and one with room its older delivery first.
-            owner.execute("INSERT INTO t VALUES (5)")
-            found = db.cycle(
-                conn,
-                me="me",
-                fan_out_limit=200,
-                claim_limit=10,
-                per_webhook=2,
-                room={a: 0, b: 1},
-                lease=60.0,
-                default_timeout=10.0,
-            )
-            assert [(j.webhook_id, j.object_id) for j in found.jobs] == [(b, 2)]
-            assert delivery_states(owner)[-2:] == [(5, a, "pending"), (5, b, "pending")]
+            # A full webhook gets nothing, and one with room its older
+            # delivery first, then new ones up to its room.
+            found = cycle(3, a=0, b=2)
+            assert (found.changes, found.more) == (2, True)
+            assert [(j.webhook_id, j.object_id) for j in found.jobs] == [(b, 2), (b, 3)]
+            assert delivery_states(owner)[4:] == [
+                (3, a, "pending"),
+                (3, b, "sending"),
+                (4, a, "pending"),
+                (4, b, "pending"),
+            ]
+            # A claim that fills the room leaves the new changes in the outbox.
+            found = cycle(2)
+            assert (found.changes, found.more) == (0, False)
+            assert [(j.webhook_id, j.object_id) for j in found.jobs] == [(a, 3), (a, 4)]
+            assert owner.execute(
+                "SELECT object_type, postchange FROM webhooks.outbox WHERE dispatched_at IS NULL"
+            ).fetchall() == [("public.t", {"id": 5})]
 
 
 def test_a_fan_out_that_is_lost_makes_the_same_delivery_ids_again(database: Database) -> None:
