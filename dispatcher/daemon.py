@@ -167,7 +167,8 @@ class Dispatcher:
         self.window_start = 0.0  # the first window ends at the first turn
         self.window_changes = 0
         self.recheck = True  # sweep at start-up
-        self.more = False  # the last fan-out left changes behind
+        self.more = False  # the last turn's fan-out left changes behind: look again
+        self.behind = False  # the last fan-out there was left changes behind
         self.capped: set[int] = set()  # webhooks whose last claim reached their cap
         self.room_filled = False  # the last claim took all the room there was
         self.refill = False  # room has come free where a claim was cut short
@@ -515,12 +516,16 @@ class Dispatcher:
                     self.capped.add(webhook_id)  # asked == 0 too: not looked at
                 else:
                     self.capped.discard(webhook_id)  # took all that was due
-        self.more = found.more
+        self.more = bool(found.more)
+        if found.more is not None:
+            self.behind = found.more
         self.window_changes += found.changes
         elapsed = now - self.window_start
-        if not self.more and elapsed < RATE_WINDOW:
+        if not self.behind and elapsed < RATE_WINDOW:
             return
-        rate = self.window_changes / elapsed if not self.more else float("inf")
+        # Changes left in the outbox count as a rate above any limit: turns
+        # that fan out nothing (no room) must not make a backlog look quiet.
+        rate = self.window_changes / elapsed if not self.behind else float("inf")
         self.window_start, self.window_changes = now, 0
         if rate > DISARM_RATE and self.armed:
             # Stop the writers' NOTIFYs and poll instead.

@@ -321,7 +321,7 @@ class Cycle:
     more, and the jobs claimed."""
 
     changes: int
-    more: bool
+    more: bool | None
     jobs: list[Job]
 
 
@@ -351,7 +351,8 @@ def cycle(
        matching webhook (a change matching none is deleted), leasing at once
        those that the room left after step 2 allows. When it claims, no more
        changes than step 2 left room for: ``more`` says it found as many as
-       it looked for, so there may be others.
+       it looked for, so there may be others (None: no room was left, so it
+       did not look).
 
     Jobs carry the time they must start by. The turn commits without waiting
     for its WAL flush: what a server crash takes back is done again under

@@ -14,7 +14,8 @@
 --    left room for (the rest wait in the outbox, which is as good a queue),
 --    so that under a backlog, too, new deliveries are made already leased
 --    rather than pending and claimed later. It says whether it found as many
---    changes as it looked for ("more"): then the dispatcher looks again.
+--    changes as it looked for ("more"; null if it had no room to look): then
+--    the dispatcher looks again.
 --  * A delivery's id is derived from its change and its webhook
 --    (webhooks.delivery_uuid), instead of drawn at random. A turn that is
 --    lost (its transaction rolled back, or not yet on disk when PostgreSQL
@@ -274,7 +275,8 @@ BEGIN
           FROM webhooks.job j
          WHERE j.delivery_id = ANY (claimed_ids || leased_ids);
     END IF;
-    RETURN json_build_object('changes', changes, 'more', fan_limit > 0 AND changes >= fan_limit,
+    RETURN json_build_object('changes', changes,
+                             'more', CASE WHEN fan_limit > 0 THEN changes >= fan_limit END,
                              'jobs', coalesce(jobs, '[]'::json));
 END
 $fn$;

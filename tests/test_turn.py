@@ -127,6 +127,30 @@ def test_writers_notify_while_changes_arrive_slowly_and_not_while_they_pour_in(
             assert notified()
 
 
+def test_a_backlog_left_in_the_outbox_keeps_the_writers_quiet(database: Database) -> None:
+    """Turns that have no room to fan out must not make a backlog look quiet."""
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(owner, "t", None)
+        db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
+        owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
+        settings = Settings(dsn=database.dsn, batch_size=200, retention=0)
+        with stepped_dispatcher(settings) as d:
+            d._on_wake()
+            d._step()
+            assert d.more and not d.armed  # 200 of 1,000 fanned out
+            # More than half the capacity held: no room to claim, so no fan-out.
+            for i in range(d.capacity // 2 + 1 - len(d.claimed)):
+                job = make_job(delivery_id=f"x{i}")
+                d.claimed[job.delivery_id] = job
+            assert d._room() == 0
+            time.sleep(RATE_WINDOW * 1.2)
+            d._on_wake()
+            d._step()
+            assert not d.more
+            assert not d.armed  # the 800 in the outbox still count as a high rate
+
+
 def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Database) -> None:
     with database.connect() as owner:
         owner.execute("CREATE TABLE i (id int PRIMARY KEY, v text)")
@@ -294,7 +318,7 @@ def test_new_deliveries_are_leased_as_they_are_made_where_their_webhook_has_room
             ]
             # A claim that fills the room leaves the new changes in the outbox.
             found = cycle(2)
-            assert (found.changes, found.more) == (0, False)
+            assert (found.changes, found.more) == (0, None)
             assert [(j.webhook_id, j.object_id) for j in found.jobs] == [(a, 3), (a, 4)]
             assert owner.execute(
                 "SELECT object_type, postchange FROM webhooks.outbox WHERE dispatched_at IS NULL"
