@@ -402,14 +402,21 @@ class Dispatcher:
             or waited >= WRITE_BACK_DELAY
         )
 
+    def _again(self) -> bool:
+        """Whether to look again at once rather than wait for a wake-up."""
+        return self.recheck or self.more or self.refill
+
     def _look_due(self, now: float) -> bool:
         """Whether to look for new changes and deliveries now."""
-        if self.stopping or len(self.claimed) >= self.capacity:
+        # With no room, a turn could neither claim nor fan out (new changes
+        # wait in the outbox rather than become pending deliveries): wait for
+        # the refill at half (see _forget). A notification meanwhile stays set.
+        if self.stopping or not self._room():
             return False
         if self._notified.is_set():
             self._notified.clear()
             return True
-        if self.recheck or self.more or self.refill:
+        if self._again():
             return True
         # Not armed: writers do not wake us, so look every busy-poll interval.
         return not self.armed and now - self.last_look >= self.settings.busy_poll_interval
@@ -543,11 +550,13 @@ class Dispatcher:
         timeout = max(0.0, self.next_maintenance - now)
         if self.pending:
             timeout = min(timeout, max(0.0, (self.first_result_at or now) + WRITE_BACK_DELAY - now))
+        if not self._room():
+            return timeout  # looks wait for room (see _look_due)
         if not self.armed:
             timeout = min(
                 timeout, max(0.0, self.last_look + self.settings.busy_poll_interval - now)
             )
-        if (self.recheck or self.more or self.refill) and len(self.claimed) < self.capacity:
+        if self._again():
             timeout = 0.0
         return timeout
 

@@ -128,27 +128,41 @@ def test_writers_notify_while_changes_arrive_slowly_and_not_while_they_pour_in(
 
 
 def test_a_backlog_left_in_the_outbox_keeps_the_writers_quiet(database: Database) -> None:
-    """Turns that have no room to fan out must not make a backlog look quiet."""
+    """Turns that fan out nothing, because the claim filled the room, must not
+    make a backlog look quiet."""
     with database.connect() as owner:
         owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
         db.watch(owner, "t", None)
         db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
         owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
-        settings = Settings(dsn=database.dsn, batch_size=200, retention=0)
-        with stepped_dispatcher(settings) as d:
+        settings = Settings(
+            dsn=database.dsn, batch_size=200, per_webhook_concurrency=100, retention=0
+        )
+        with stepped_dispatcher(settings) as d, db.connect(database.dsn) as other:
             d._on_wake()
             d._step()
-            assert d.more and not d.armed  # 200 of 1,000 fanned out
-            # More than half the capacity held: no room to claim, so no fan-out.
-            for i in range(d.capacity // 2 + 1 - len(d.claimed)):
-                job = make_job(delivery_id=f"x{i}")
-                d.claimed[job.delivery_id] = job
-            assert d._room() == 0
+            assert d.more and not d.armed  # 200 of 1,000 fanned out and leased
+            # 150 still held, over half the capacity: no room. No turn,
+            # however woken, and no busy loop; the notification waits.
+            for delivery_id in list(d.claimed)[:50]:
+                del d.claimed[delivery_id]
+            assert not d._room()
+            looked = d.last_look
+            d._on_wake()
+            d._step()
+            assert d.last_look == looked and d._notified.is_set()
+            assert d._timeout() > 0
+            # Another dispatcher makes pending deliveries of 300 more; ours
+            # is done with its jobs (as if they were sent).
+            assert db.fan_out(other, 300) == 300
+            d.claimed.clear()
+            d.held.clear()
             time.sleep(RATE_WINDOW * 1.2)
             d._on_wake()
             d._step()
+            assert len(d.claimed) == 200  # all from the pending deliveries
             assert not d.more
-            assert not d.armed  # the 800 in the outbox still count as a high rate
+            assert not d.armed  # the 500 in the outbox still count as a high rate
 
 
 def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Database) -> None:
