@@ -482,10 +482,7 @@ class Dispatcher:
             self._connection(),
             me=self.ident,
             results=results,
-            # With no room to claim, new changes wait in the outbox: fanned out
-            # now, their deliveries would be made pending and claimed later,
-            # a row version more each.
-            fan_out_limit=s.batch_size if look and room else 0,
+            fan_out_limit=s.batch_size if look else 0,
             claim_limit=room,
             per_webhook=default_room,
             room=webhook_room,
@@ -512,17 +509,17 @@ class Dispatcher:
         self.scheduler.add(found.jobs)
         # A claim cut short by our own limits may have left due deliveries
         # behind: claim again once the room is back to half (see _forget).
-        self.room_filled = room == 0 or len(found.jobs) >= room
-        if room:
-            # Every webhook holding jobs, not only those capped before: one
-            # whose refill came at a slightly higher cap (its request times
-            # moved) may be asked for nothing now, and must be refilled later.
-            for webhook_id in took.keys() | webhook_room.keys():
-                asked = webhook_room.get(webhook_id, default_room)
-                if took[webhook_id] >= asked:
-                    self.capped.add(webhook_id)  # asked == 0 too: not looked at
-                else:
-                    self.capped.discard(webhook_id)  # took all that was due
+        # (A look always has room: see _look_due.)
+        self.room_filled = len(found.jobs) >= room
+        # Every webhook holding jobs, not only those capped before: one whose
+        # refill came at a slightly higher cap (its request times moved) may be
+        # asked for nothing now, and must be refilled later.
+        for webhook_id in took.keys() | webhook_room.keys():
+            asked = webhook_room.get(webhook_id, default_room)
+            if took[webhook_id] >= asked:
+                self.capped.add(webhook_id)  # asked == 0 too: not looked at
+            else:
+                self.capped.discard(webhook_id)  # took all that was due
         self.more = bool(found.more)
         if found.more is not None:
             self.behind = found.more
@@ -531,7 +528,8 @@ class Dispatcher:
         if not self.behind and elapsed < RATE_WINDOW:
             return
         # Changes left in the outbox count as a rate above any limit: turns
-        # that fan out nothing (no room) must not make a backlog look quiet.
+        # that fan out nothing (their claim took all the room) must not make
+        # a backlog look quiet.
         rate = self.window_changes / elapsed if not self.behind else float("inf")
         self.window_start, self.window_changes = now, 0
         if rate > DISARM_RATE and self.armed:
