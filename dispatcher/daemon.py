@@ -46,8 +46,8 @@ from dispatcher.scheduler import Scheduler, start_senders
 
 log = logging.getLogger("danbyte.dispatcher")
 
-#: Results ride along with the next turn that looks for work; a turn just to
-#: write them back comes at most this long after the first of them.
+#: Results ride along with the next turn that looks for work while polling; a
+#: turn just to write them back comes at most this long after the first of them.
 WRITE_BACK_DELAY = 0.05
 #: Reconnect backoff is capped so delivery resumes within seconds of recovery.
 MAX_BACKOFF = 5.0
@@ -467,7 +467,12 @@ class Dispatcher:
         if now >= self.next_maintenance:
             self._maintenance()
         look = self._look_due(now)
-        write = bool(self.pending) and (look or self._write_due(now))
+        # Armed (changes come slowly, each wakes us): a look is on the way from
+        # a change to its request, so results wait for a turn of their own,
+        # which falls between changes (at 200 changes/s, p50 commit to request
+        # 3.5 ms instead of 4.4 over six alternating runs). Polling under load,
+        # they ride along with the look: fewer turns.
+        write = bool(self.pending) and ((look and not self.armed) or self._write_due(now))
         if not write and not look:
             return
         s = self.settings

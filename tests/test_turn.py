@@ -8,7 +8,7 @@ import psycopg
 
 from dispatcher import db
 from dispatcher.config import Settings
-from dispatcher.daemon import RATE_WINDOW
+from dispatcher.daemon import RATE_WINDOW, WRITE_BACK_DELAY
 from dispatcher.delivery import Outcome
 from dispatcher.retry import decide
 from tests.conftest import Database
@@ -368,3 +368,37 @@ def test_a_fan_out_that_is_lost_makes_the_same_delivery_ids_again(database: Data
             "ON o.id = d.outbox_id"
         ).fetchall()
         assert ids == [(True, "3", True)] * 6  # version 3, RFC 4122 variant
+
+
+def test_results_ride_along_with_a_look_only_while_polling(database: Database) -> None:
+    """Woken by each change (armed), a look is on that change's way to its
+    request: results wait for a turn of their own. Polling, they ride along."""
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(owner, "t", None)
+        db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
+        settings = Settings(dsn=database.dsn, retention=0)
+        with stepped_dispatcher(settings) as d:
+            for armed in (True, False):
+                owner.execute("INSERT INTO t VALUES (%s)", (int(armed),))
+                d._on_wake()
+                d._step()
+                (job,) = d.claimed.values()
+                d.armed = armed
+                d.results.put(make_outcome(job))
+                owner.execute("INSERT INTO t VALUES (%s)", (10 + int(armed),))
+                d._on_wake()
+                d._step()  # the look: it claims the new change
+                assert len(d.claimed) == 1
+                assert [o.job.delivery_id for o in d.pending] == (
+                    [job.delivery_id] if armed else []
+                )
+                d.first_result_at = (d.first_result_at or 0.0) - WRITE_BACK_DELAY
+                d._step()  # written back now whichever way
+                assert not d.pending
+                state = owner.execute(
+                    "SELECT state FROM webhooks.delivery WHERE id = %s", (job.delivery_id,)
+                ).fetchone()
+                assert state == ("succeeded",)
+                d.claimed.clear()
+                d.held.clear()
