@@ -400,27 +400,6 @@ def fan_out(conn: psycopg.Connection, limit: int) -> int:
     return cycle(conn, me="", fan_out_limit=limit).changes
 
 
-def claim(
-    conn: psycopg.Connection,
-    *,
-    me: str,
-    limit: int,
-    per_webhook: int,
-    lease: float,
-    default_timeout: float,
-) -> list[Job]:
-    """Lease up to ``limit`` due deliveries to ``me``, at most ``per_webhook`` per
-    webhook (step 2 of :func:`cycle`)."""
-    return cycle(
-        conn,
-        me=me,
-        claim_limit=limit,
-        per_webhook=per_webhook,
-        lease=lease,
-        default_timeout=default_timeout,
-    ).jobs
-
-
 def record_outcomes(
     conn: psycopg.Connection, me: str, results: Sequence[tuple[Outcome, Decision]]
 ) -> None:
