@@ -432,6 +432,11 @@ class Dispatcher:
             )
         db.forget_stale_dispatchers(conn, max(60.0, 10 * s.poll_interval))
         db.refresh_wanted(conn)
+        # A write that was already inside the capture function of 001-006
+        # when migration 007 was applied put its changes in the outbox.
+        legacy = db.fan_out_outbox(conn)
+        if legacy:
+            log.info("fanned out %d changes captured before migration 007", legacy)
         # Listener self-check: our own probe must come back within two intervals.
         now = time.monotonic()
         if (

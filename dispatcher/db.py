@@ -195,6 +195,13 @@ def refresh_wanted(conn: psycopg.Connection) -> None:
     conn.execute("SELECT webhooks.refresh_wanted()")
 
 
+def fan_out_outbox(conn: psycopg.Connection) -> int:
+    """Fan out changes that the capture function of migrations 001-006 left in the outbox
+    (migration 007): into pending deliveries. Return how many were taken."""
+    row = conn.execute("SELECT webhooks.fan_out_outbox()").fetchone()
+    return int(row[0]) if row else 0
+
+
 def unregister_dispatcher(conn: psycopg.Connection, ident: str) -> None:
     conn.execute("DELETE FROM webhooks.dispatcher WHERE id = %s", (ident,))
 

@@ -464,6 +464,7 @@ def test_hostile_role_cannot_hijack_security_definer_functions(
         for t in ("text", "int8", "timestamptz"):
             c.execute(f"CREATE DOMAIN pg_temp.{t} AS pg_catalog.{t} CHECK (false)")
         c.execute("CREATE TEMP TABLE outbox (x int)")
+        c.execute("CREATE TEMP TABLE capture (x int)")
         c.execute("CREATE TEMP TABLE dispatcher (idle boolean)")
         c.execute("SET search_path = evil, pg_temp, pg_catalog")
         # The traps are live: unqualified names reach them.
@@ -482,7 +483,7 @@ def test_hostile_role_cannot_hijack_security_definer_functions(
         c.execute("SELECT webhooks.send_test('w')")
         c.execute("UPDATE webhooks.webhook SET enabled = false")
     with database.connect() as c:
-        assert c.execute("SELECT count(*) FROM webhooks.outbox").fetchone() == (6,)
+        assert c.execute("SELECT count(*) FROM webhooks.captured").fetchone() == (6,)
         assert c.execute("SELECT count(*) FROM webhooks.changelog").fetchone() == (4,)
 
 

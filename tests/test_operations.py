@@ -199,10 +199,11 @@ def test_cleanup_removes_only_what_is_old(orders, cli: Cli) -> None:
     # 1-2 old succeeded, 3 old failed, 4 recent failed, 5 pending (old change), 6 old cancelled
     conn.execute("""
         UPDATE webhooks.delivery d SET
-          state = (ARRAY['succeeded','succeeded','failed','failed','pending','cancelled'])[o.id],
-          finished_at = CASE WHEN o.id = 5 THEN NULL WHEN o.id = 4 THEN now() - interval '1 day'
+          state = (ARRAY['succeeded','succeeded','failed','failed','pending','cancelled'])[o.k],
+          finished_at = CASE WHEN o.k = 5 THEN NULL WHEN o.k = 4 THEN now() - interval '1 day'
                              ELSE now() - interval '8 days' END
-          FROM webhooks.outbox o WHERE o.id = d.outbox_id""")
+          FROM (SELECT id, row_number() OVER (ORDER BY id) AS k FROM webhooks.outbox) o
+         WHERE o.id = d.outbox_id""")
     conn.execute("UPDATE webhooks.outbox SET dispatched_at = now() - interval '9 days'")
     conn.execute("""
         INSERT INTO webhooks.delivery_attempt (delivery_id, attempt, attempted_at, duration_ms,
@@ -216,10 +217,10 @@ def test_cleanup_removes_only_what_is_old(orders, cli: Cli) -> None:
         "removed 4 deliveries, 4 attempts and 4 changes"
     )
     left = conn.execute(
-        "SELECT o.id, d.state FROM webhooks.delivery d "
-        "JOIN webhooks.outbox o ON o.id = d.outbox_id ORDER BY 1"
+        "SELECT o.postchange->>'id', d.state FROM webhooks.delivery d "
+        "JOIN webhooks.outbox o ON o.id = d.outbox_id ORDER BY o.id"
     ).fetchall()
-    assert left == [(4, "failed"), (5, "pending")]
+    assert left == [("4", "failed"), ("5", "pending")]
     assert conn.execute("SELECT count(*) FROM webhooks.delivery_attempt").fetchone() == (2,)
 
 
@@ -265,19 +266,25 @@ def test_status_exit_codes(orders, receiver: Receiver, daemon, cli: Cli) -> None
     assert out.strip().endswith("healthy") and "1 alive" in out
     js = json.loads(cli.ok("status", "--json"))
     assert js["healthy"] is True and js["webhooks"][0]["succeeded_last_hour"] == 1
-    # a stuck backlog: a change nobody fanned out for ten minutes
+    # a stuck backlog: a statement of two changes nobody fanned out for ten
+    # minutes, and one left in the outbox by the capture function of 001-006
     d.stop()
     db.register_dispatcher(conn, "stuck", "h", 1, "v")
     conn.execute(
+        "INSERT INTO webhooks.capture (event, object_type, key_columns, changes, postchange, "
+        "changed_at, db_user) VALUES ('create', 'x', '{}', 2, '[{}, {}]', "
+        "now() - interval '10 minutes', 'u')"
+    )
+    conn.execute(
         "INSERT INTO webhooks.outbox (event, object_type, changed_at, db_user) "
-        "VALUES ('create', 'x', now() - interval '10 minutes', 'u')"
+        "VALUES ('create', 'x', now() - interval '1 minute', 'u')"
     )
     out = cli.fails("status", "--max-backlog-age", "5m")
     assert "the oldest undelivered change waits for" in out and "(more than 300s)" in out
     row = conn.execute(
         "SELECT outbox_backlog, oldest_undelivered_age_seconds > 590 FROM webhooks.status"
     ).fetchone()
-    assert row == (1, True)
+    assert row == (3, True)
     unreachable = Cli("host=127.0.0.1 port=1 dbname=x user=x").fails("status")
     assert unreachable.startswith("unhealthy: cannot connect to the database:")
 

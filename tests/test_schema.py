@@ -46,6 +46,7 @@ MIGRATIONS = [
     "004_dispatch",
     "005_lean_capture",
     "006_quick_turn",
+    "007_statement_capture",
 ]
 VERSIONS = [name[:3] for name in MIGRATIONS]
 
@@ -122,6 +123,34 @@ def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
         ]
 
 
+def test_upgrading_to_007_fans_out_the_changes_waiting_in_the_outbox(
+    empty_database: Database,
+) -> None:
+    """Changes captured one row each into the outbox (001-006) and not yet fanned
+    out are delivered after the upgrade; new changes get ids above theirs."""
+    with empty_database.connect() as c:
+        for mig in db.migrations():
+            if mig.version <= "006":
+                c.execute(mig.text())  # type: ignore[arg-type]
+        c.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(c, "t", None)
+        db.add_webhook(c, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
+        c.execute("INSERT INTO t SELECT g FROM generate_series(1, 3) g")
+        waiting = c.execute("SELECT max(id) FROM webhooks.outbox").fetchone()
+        assert waiting is not None and waiting[0] is not None
+        assert [m.version for m in db.migrate(c)] == ["007"]
+        made = c.execute(
+            "SELECT d.object_id, d.state, d.id = webhooks.delivery_uuid(o.id, d.webhook_id, "
+            "o.changed_at), o.dispatched_at IS NOT NULL FROM webhooks.delivery d "
+            "JOIN webhooks.outbox o ON o.id = d.outbox_id ORDER BY o.id"
+        ).fetchall()
+        assert made == [(i, "pending", True, True) for i in (1, 2, 3)]
+        c.execute("INSERT INTO t VALUES (4)")
+        (new,) = c.execute("SELECT id FROM webhooks.captured").fetchall()
+        assert new[0] > waiting[0]
+        assert db.fan_out_outbox(c) == 0
+
+
 def test_wheel_ships_the_sql_and_migrates_from_another_folder(
     empty_database: Database, tmp_path: Path
 ) -> None:
@@ -172,14 +201,12 @@ def capturing(conn: psycopg.Connection) -> psycopg.Connection:
     return conn
 
 
-def outbox(conn: psycopg.Connection) -> list[dict]:
+def captured(conn: psycopg.Connection) -> list[dict]:
     """The captured changes, with the object id the fan-out will give each."""
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         cur.execute(
-            "SELECT event, object_type, "
-            "coalesce(object_id, webhooks.object_key(key_columns, prechange, postchange)) "
-            "AS object_id, prechange, postchange, db_user, username, request_id "
-            "FROM webhooks.outbox ORDER BY id"
+            "SELECT event, object_type, object_id, prechange, postchange, db_user, username, "
+            "request_id FROM webhooks.captured ORDER BY id"
         )
         return cur.fetchall()
 
@@ -208,7 +235,7 @@ def test_watch_is_idempotent_and_unwatch_removes(capturing: psycopg.Connection) 
     assert db.watched(conn) == []
     assert db.unwatch(conn, "orders") is False
     conn.execute("INSERT INTO orders VALUES (1, 2)")
-    assert outbox(conn) == []
+    assert captured(conn) == []
 
 
 def test_watch_rejects_views_and_unknown_tables(conn: psycopg.Connection) -> None:
@@ -229,7 +256,7 @@ def test_outbox_rows_for_int_key(capturing: psycopg.Connection) -> None:
     conn.execute("UPDATE orders SET total = 10 WHERE id = 1")
     conn.execute("UPDATE orders SET total = 10 WHERE id = 1")  # changes nothing
     conn.execute("DELETE FROM orders WHERE id = 1")
-    rows = outbox(conn)
+    rows = captured(conn)
     new = {"id": 1, "total": 9.5, "note": "a"}
     upd = {"id": 1, "total": 10, "note": "a"}
     assert [
@@ -256,7 +283,7 @@ def test_outbox_rows_for_uuid_composite_and_no_key(capturing: psycopg.Connection
     conn.execute("UPDATE c SET a = 2")  # the key itself changes
     conn.execute("INSERT INTO n VALUES ('x')")
     conn.execute("DELETE FROM n")
-    rows = [(r["event"], r["object_type"], r["object_id"]) for r in outbox(conn)]
+    rows = [(r["event"], r["object_type"], r["object_id"]) for r in captured(conn)]
     assert rows == [
         ("create", "public.u", "0b8f6f8e-3f0e-4a55-9d4e-3a3c6f1e2d10"),
         ("create", "public.c", {"b": "k", "a": 1}),
@@ -273,10 +300,10 @@ def test_rolled_back_changes_are_not_captured(capturing: psycopg.Connection) -> 
     with pytest.raises(ZeroDivisionError), conn.transaction():
         conn.execute("INSERT INTO t VALUES (1)")
         raise ZeroDivisionError
-    assert outbox(conn) == []
+    assert captured(conn) == []
     with conn.transaction():
         conn.execute("INSERT INTO t VALUES (2)")
-    assert len(outbox(conn)) == 1
+    assert len(captured(conn)) == 1
 
 
 def test_multi_row_statements_and_awkward_column_types(capturing: psycopg.Connection) -> None:
@@ -297,7 +324,7 @@ def test_multi_row_statements_and_awkward_column_types(capturing: psycopg.Connec
     )
     conn.execute("UPDATE odd SET p = point(3, 4) WHERE id <= 10")
     conn.execute("UPDATE odd SET j = j WHERE id <= 10")  # json has no '=': no-op still detected
-    rows = outbox(conn)
+    rows = captured(conn)
     assert [r["event"] for r in rows] == ["create"] * 100 + ["update"] * 10
     first = rows[0]["postchange"]
     assert first["j"] == {"a": 1} and first["p"] == "(1,2)" and first["doubled"] == 14
@@ -314,12 +341,19 @@ def test_multi_row_update_pairs_each_old_row_with_its_new_row(
     db.watch(conn, "nokey", None)
     conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 2000) g")
     conn.execute("INSERT INTO nokey SELECT g, 'b' || g FROM generate_series(1, 500) g")
-    conn.execute("TRUNCATE webhooks.outbox")
+    # Over 1,000 rows: captured 1,000 at a time, in order.
+    sizes = conn.execute("SELECT changes FROM webhooks.capture ORDER BY id").fetchall()
+    assert sizes == [(1000,), (1000,), (500,)]
+    keys = [r["object_id"] for r in captured(conn) if r["object_type"] == "public.t"]
+    assert keys == list(range(1, 2001))
+    conn.execute("TRUNCATE webhooks.capture")
     # the key itself changes, rows are visited in physical order, some stay the same
     conn.execute("UPDATE t SET id = id + 100000, v = v || '!' WHERE id % 3 <> 0")
     conn.execute("UPDATE t SET v = v WHERE id % 3 = 0")  # changes nothing
     conn.execute("UPDATE nokey SET a = -a")
-    rows = outbox(conn)
+    sizes = conn.execute("SELECT changes FROM webhooks.capture ORDER BY id").fetchall()
+    assert sizes == [(1000,), (334,), (1000,), (333,), (500,)]
+    rows = captured(conn)
     assert len(rows) == 2000 - 666 + 500
     for r in rows:
         before, after = r["prechange"], r["postchange"]
@@ -343,7 +377,7 @@ def test_partitioned_table(capturing: psycopg.Connection) -> None:
     conn.execute("UPDATE ev SET id = 3 WHERE id = 2")
     conn.execute("UPDATE ev SET region = 'eu' WHERE id = 3")  # moves to another partition
     conn.execute("DELETE FROM ev WHERE id = 1")
-    rows = outbox(conn)
+    rows = captured(conn)
     assert [(r["event"], r["object_id"]) for r in rows] == [
         ("create", {"id": 1, "region": "eu"}),
         ("create", {"id": 2, "region": "us"}),
@@ -375,7 +409,7 @@ def test_application_role_needs_no_webhooks_privileges(database: Database, make_
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("SELECT * FROM webhooks.outbox")
     with database.connect() as c:
-        rows = outbox(c)
+        rows = captured(c)
     assert [(r["event"], r["db_user"], r["username"], r["request_id"]) for r in rows] == [
         ("create", app, "alice", "req-1"),
         ("update", app, None, None),
@@ -441,7 +475,7 @@ def test_json_payload_types(capturing: psycopg.Connection) -> None:
     conn.execute("CREATE TABLE t (z int PRIMARY KEY, a text)")
     db.watch(conn, "t", None)
     conn.execute("INSERT INTO t VALUES (1, 'x')")
-    raw = conn.execute("SELECT postchange::text FROM webhooks.outbox").fetchone()
+    raw = conn.execute("SELECT postchange::text FROM webhooks.captured").fetchone()
     assert raw is not None and list(json.loads(raw[0])) == ["z", "a"]
 
 
@@ -449,10 +483,10 @@ def test_events_no_webhook_wants_are_not_captured(conn: psycopg.Connection) -> N
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     db.watch(conn, "t", None)
 
-    def captured() -> list[str]:
-        events = [r["event"] for r in outbox(conn)]
-        conn.execute("TRUNCATE webhooks.outbox")
-        return events
+    def events() -> list[str]:
+        found = [r["event"] for r in captured(conn)]
+        conn.execute("TRUNCATE webhooks.capture")
+        return found
 
     def refresh() -> int | None:
         row = conn.execute("SELECT webhooks.refresh_wanted()").fetchone()
@@ -464,31 +498,31 @@ def test_events_no_webhook_wants_are_not_captured(conn: psycopg.Connection) -> N
         conn.execute("DELETE FROM t WHERE id = %s", (i,))
 
     write(1)
-    assert captured() == []  # no webhook: nothing
+    assert events() == []  # no webhook: nothing
     db.add_webhook(
         conn, {"name": "w", "payload_url": "http://127.0.0.1:9/", "triggers": ["create"]}
     )
     write(2)
-    assert captured() == ["create"]
+    assert events() == ["create"]
     db.update_webhook(conn, "w", {"triggers": ["create", "delete"]})
     write(3)
-    assert captured() == ["create", "delete"]
+    assert events() == ["create", "delete"]
     # A disabled webhook's events are dropped once the dispatcher refreshes the
     # bits from committed state (fan-out would find no webhook for them anyway).
     db.update_webhook(conn, "w", {"enabled": False})
     assert refresh() == 0
     write(4)
-    assert captured() == []
+    assert events() == []
     # Enabling raises the bits at once, before the change commits; a refresh
     # waits for that transaction rather than lower them from a state without it.
     with psycopg.connect(conn.info.dsn, autocommit=True) as other:
         with other.transaction():
             other.execute("UPDATE webhooks.webhook SET enabled = true, triggers = '{update}'")
             write(5)
-            assert captured() == ["update"]
+            assert events() == ["update"]
             assert refresh() is None
             write(6)
-            assert captured() == ["update"]
+            assert events() == ["update"]
         assert refresh() == 2
     # A rolled-back enable leaves the bits up only until the next refresh.
     with (
@@ -499,7 +533,7 @@ def test_events_no_webhook_wants_are_not_captured(conn: psycopg.Connection) -> N
         other.execute("UPDATE webhooks.webhook SET triggers = '{create,update,delete}'")
         raise ZeroDivisionError
     write(7)
-    assert captured() == ["create", "update", "delete"]
+    assert events() == ["create", "update", "delete"]
     assert refresh() == 2
     write(8)
-    assert captured() == ["update"]
+    assert events() == ["update"]

@@ -134,7 +134,11 @@ def test_a_backlog_left_in_the_outbox_keeps_the_writers_quiet(database: Database
         owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
         db.watch(owner, "t", None)
         db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
-        owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
+        for i in range(10):  # ten statements: the fan-out takes whole statements
+            owner.execute(
+                "INSERT INTO t SELECT g FROM generate_series(%s::int, %s::int) g",
+                (i * 100 + 1, i * 100 + 100),
+            )
         settings = Settings(
             dsn=database.dsn, batch_size=200, per_webhook_concurrency=100, retention=0
         )
@@ -182,7 +186,8 @@ def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Da
                 "object_types": ["public.i", "public.c", "public.n", "public.old"],
             },
         )
-        # A change captured before migration 005, with its object id set by the trigger.
+        # A change captured before migration 005, with its object id set by the
+        # trigger, and left in the outbox: migration 007 fans it out on its own.
         owner.execute(
             "INSERT INTO webhooks.outbox (event, object_type, object_id, postchange, changed_at, "
             "db_user) VALUES ('create', 'public.old', '7', '{\"id\": 8}', now(), 'x')"
@@ -193,9 +198,12 @@ def test_fan_out_sets_object_ids_and_drops_changes_no_webhook_wants(database: Da
         owner.execute("UPDATE c SET a = 2")  # the key itself changes
         owner.execute("INSERT INTO n VALUES ('x')")
         owner.execute("DELETE FROM i")  # no webhook wants deletes: not even captured
-        assert owner.execute("SELECT count(*) FROM webhooks.outbox").fetchone() == (6,)
+        assert owner.execute("SELECT count(*) FROM webhooks.captured").fetchone() == (5,)
         with db.connect(database.dsn) as conn:
-            assert turn(conn, [], 0).changes == 6
+            assert db.fan_out_outbox(conn) == 1
+            assert db.fan_out_outbox(conn) == 0
+            assert turn(conn, [], 0).changes == 5
+        assert owner.execute("SELECT count(*) FROM webhooks.capture").fetchone() == (0,)
         kept = owner.execute(
             "SELECT object_type, object_id, key_columns, dispatched_at IS NOT NULL "
             "FROM webhooks.outbox ORDER BY id"
@@ -285,7 +293,8 @@ def test_new_deliveries_are_leased_as_they_are_made_where_their_webhook_has_room
             # Made pending: this turn may lease nothing.
             assert db.fan_out(conn, 200) == 1
             assert delivery_states(owner) == [(1, a, "pending"), (1, b, "pending")]
-            owner.execute("INSERT INTO t SELECT g FROM generate_series(2, 5) g")
+            for i in range(2, 6):
+                owner.execute("INSERT INTO t VALUES (%s)", (i,))
             updates = delivery_updates(conn)
 
             def cycle(claim_limit: int, **room: int) -> db.Cycle:
@@ -330,13 +339,22 @@ def test_new_deliveries_are_leased_as_they_are_made_where_their_webhook_has_room
                 (4, a, "pending"),
                 (4, b, "pending"),
             ]
-            # A claim that fills the room leaves the new changes in the outbox.
+            # A claim that fills the room leaves the new changes captured.
             found = cycle(2)
             assert (found.changes, found.more) == (0, None)
             assert [(j.webhook_id, j.object_id) for j in found.jobs] == [(a, 3), (a, 4)]
             assert owner.execute(
-                "SELECT object_type, postchange FROM webhooks.outbox WHERE dispatched_at IS NULL"
+                "SELECT object_type, postchange FROM webhooks.captured"
             ).fetchall() == [("public.t", {"id": 5})]
+            # A statement is fanned out whole, however little room is left.
+            assert cycle(1, a=0, b=0).changes == 1
+            owner.execute("INSERT INTO t SELECT g FROM generate_series(6, 8) g")
+            found = cycle(1, a=0, b=0)
+            assert (found.changes, found.more) == (3, True)
+            assert found.jobs == []
+            assert delivery_states(owner)[8:] == [
+                (g, w, "pending") for g in range(5, 9) for w in (a, b)
+            ]
 
 
 def test_a_fan_out_that_is_lost_makes_the_same_delivery_ids_again(database: Database) -> None:

@@ -347,7 +347,7 @@ def figure_write_path(bench: Bench) -> dict[str, Any]:
                     sql.Identifier(t)
                 )
             )
-        c.execute("TRUNCATE webhooks.outbox")
+        c.execute("TRUNCATE webhooks.outbox, webhooks.capture")
     insert = (
         "\\set id random(100000000, 999999999999)\n"
         "INSERT INTO {t} (id) VALUES (:id) ON CONFLICT DO NOTHING;\n"
@@ -388,7 +388,7 @@ def figure_write_path(bench: Bench) -> dict[str, Any]:
     # delivering while both the unwatched baseline and the watched table are
     # measured, so both pay for the CPU it uses.
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("TRUNCATE webhooks.outbox")
+        c.execute("TRUNCATE webhooks.outbox, webhooks.capture")
     load_backlog(dsn, int(4 * s.rounds * s.seconds * 1500) + 2000, start=10_000_000)
     with bench.dispatchers(dsn, 1):
         time.sleep(0.5)
@@ -420,7 +420,11 @@ def multirow(bench: Bench) -> dict[str, Any]:
 
     def per_row(table: str, stmt: str) -> float:
         with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute(sql.SQL("TRUNCATE {}, webhooks.outbox").format(sql.Identifier(table)))
+            c.execute(
+                sql.SQL("TRUNCATE {}, webhooks.outbox, webhooks.capture").format(
+                    sql.Identifier(table)
+                )
+            )
             c.execute(
                 sql.SQL("INSERT INTO {} (id) SELECT g FROM generate_series(1, %s) g").format(
                     sql.Identifier(table)
@@ -599,7 +603,8 @@ def rss_peak_kb(pid: int) -> int:
 
 QUEUE_ROWS_READ = (
     "SELECT coalesce(sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)), 0) "
-    "FROM pg_stat_user_tables WHERE schemaname = 'webhooks' AND relname IN ('delivery', 'outbox')"
+    "FROM pg_stat_user_tables WHERE schemaname = 'webhooks' "
+    "AND relname IN ('delivery', 'outbox', 'capture')"
 )
 
 

@@ -63,7 +63,7 @@ def setup(cluster: TempCluster) -> None:
         db.add_webhook(c, {"name": "all", "payload_url": "http://127.0.0.1:9/"})
         for t in ("bench", "plain"):
             c.execute(f"INSERT INTO {t} (id) SELECT g FROM generate_series(1, {ROWS}) g")
-        c.execute("TRUNCATE webhooks.outbox")
+        c.execute("TRUNCATE webhooks.outbox, webhooks.capture")
         c.execute("VACUUM ANALYZE")
     for name in CASES:
         with psycopg.connect(cluster.dsn(), autocommit=True) as c:
