@@ -59,6 +59,7 @@ CREATE TABLE webhooks.capture (
     object_type text NOT NULL,
     key_columns text[] NOT NULL,
     changes     integer NOT NULL,
+    fanned      integer NOT NULL DEFAULT 0,
     prechange   json,
     postchange  json,
     changed_at  timestamptz NOT NULL,
@@ -73,6 +74,7 @@ COMMENT ON COLUMN webhooks.capture.prechange IS
 COMMENT ON COLUMN webhooks.capture.postchange IS
     'The rows after the change (creates and updates), as a JSON array in the same order.';
 COMMENT ON COLUMN webhooks.capture.changes IS 'How many rows the statement changed (in this row).';
+COMMENT ON COLUMN webhooks.capture.fanned IS 'How many of them, from the first, are fanned out already.';
 -- Change ids (capture id * 1000 + place) start above every outbox id so far,
 -- with room for the few that writes still in the old capture function make.
 EXECUTE format('ALTER TABLE webhooks.capture ALTER COLUMN id RESTART WITH %s',
@@ -87,7 +89,7 @@ $fn$;
 
 -- The changes waiting for the fan-out, one row each, as the outbox will hold
 -- them. Updates that changed nothing (the same JSON text before and after)
--- are left out.
+-- are left out, and so are those fanned out already.
 CREATE VIEW webhooks.captured AS
 SELECT c.id AS capture_id, e.n, webhooks.change_id(c.id, e.n) AS id, c.event, c.object_type,
        webhooks.object_key(c.key_columns, e.prechange, e.postchange) AS object_id,
@@ -95,7 +97,7 @@ SELECT c.id AS capture_id, e.n, webhooks.change_id(c.id, e.n) AS id, c.event, c.
   FROM webhooks.capture c
  CROSS JOIN LATERAL ROWS FROM (json_array_elements(c.prechange), json_array_elements(c.postchange))
        WITH ORDINALITY AS e(prechange, postchange, n)
- WHERE c.event <> 'update' OR e.prechange::text <> e.postchange::text;
+ WHERE e.n > c.fanned AND (c.event <> 'update' OR e.prechange::text <> e.postchange::text);
 COMMENT ON VIEW webhooks.captured IS
     'Captured changes not yet fanned out, one row each, with the id the outbox will give them.';
 
@@ -251,9 +253,10 @@ END
 $fn$;
 
 -- The dispatcher's turn: as in 006, except that the fan-out takes captured
--- statements, oldest first, as many as make up its limit in changes (at
--- least one), and writes the outbox rows of the changes some webhook wants,
--- already dispatched. The other changes are dropped with their statement.
+-- changes, oldest first, up to its limit (a statement's changes in order, a
+-- big statement over several turns), and writes the outbox rows of the
+-- changes some webhook wants, already dispatched. The other changes are
+-- dropped with their statement.
 CREATE OR REPLACE FUNCTION webhooks.dispatch_turn(
     me text, results jsonb, disable jsonb, fan_out_limit integer, claim_limit integer,
     per_webhook integer, full_ids bigint[], busy_ids bigint[], busy_room integer[],
@@ -358,22 +361,38 @@ BEGIN
     END IF;
     IF fan_limit > 0 THEN
         WITH locked AS (
-            SELECT c.id, c.changes FROM webhooks.capture c
+            SELECT c.id, c.fanned, c.changes - c.fanned AS waiting FROM webhooks.capture c
              ORDER BY c.id
              LIMIT fan_limit
              -- SKIP LOCKED: concurrent dispatchers take disjoint statements instead
              -- of queueing behind each other's row locks.
                FOR UPDATE SKIP LOCKED
         ), batch AS (
-            -- Whole statements, up to the limit in changes (at least one).
-            SELECT l.id, l.changes
-              FROM (SELECT l.id, l.changes, sum(l.changes) OVER (ORDER BY l.id) - l.changes AS before
+            -- Oldest first, as many changes as the limit: the last statement
+            -- taken may be taken in part (its first changes), the rest of it
+            -- waits for the next turn.
+            SELECT l.id, l.fanned, least(l.waiting, fan_limit - l.before) AS take, l.waiting
+              FROM (SELECT l.*, sum(l.waiting) OVER (ORDER BY l.id) - l.waiting AS before
                       FROM locked l) l
              WHERE l.before < fan_limit
         ), taken AS (
-            DELETE FROM webhooks.capture c WHERE c.id = ANY (ARRAY(SELECT id FROM batch))
+            DELETE FROM webhooks.capture c
+             WHERE c.id = ANY (ARRAY(SELECT b.id FROM batch b WHERE b.take = b.waiting))
+        ), partly AS (
+            UPDATE webhooks.capture c SET fanned = c.fanned + b.take
+              FROM batch b
+             WHERE c.id = ANY (ARRAY(SELECT b.id FROM batch b WHERE b.take < b.waiting))
+               AND c.id = b.id
         ), changed AS (
-            SELECT x.* FROM webhooks.captured x WHERE x.capture_id = ANY (ARRAY(SELECT id FROM batch))
+            -- From b.fanned, not the view's own count: the view reads the
+            -- statement's snapshot, which may predate another dispatcher's
+            -- turn that took part of the statement and committed before we
+            -- locked it, while the lock returns the latest row.
+            SELECT x.*
+              FROM webhooks.captured x
+              JOIN batch b ON b.id = x.capture_id
+             WHERE x.capture_id = ANY (ARRAY(SELECT id FROM batch))
+               AND x.n > b.fanned AND x.n <= b.fanned + b.take
         ), matched AS (
             -- Each change with each enabled webhook that wants it.
             SELECT c.id, c.changed_at, w.id AS webhook_id, w.name, w.max_attempts, w.timeout_seconds
@@ -431,8 +450,9 @@ BEGIN
              ORDER BY p.id, p.webhook_id
             RETURNING id, state
         )
-        -- (taken runs too: PostgreSQL always runs data-modifying WITH queries.)
-        SELECT (SELECT coalesce(sum(b.changes), 0) FROM batch b),
+        -- (taken and partly run too: PostgreSQL always runs data-modifying WITH
+        -- queries.)
+        SELECT (SELECT coalesce(sum(b.take), 0) FROM batch b),
                coalesce((SELECT array_agg(c.id) FROM created c WHERE c.state = 'sending'), '{}')
           INTO changes, leased_ids;
     END IF;
@@ -455,7 +475,7 @@ SELECT (SELECT max(version) FROM webhooks.schema_version) AS schema_version,
        (SELECT count(*) FROM webhooks.dispatcher
          WHERE seen_at > now() - interval '1 minute') AS dispatchers_alive,
        (SELECT max(seen_at) FROM webhooks.dispatcher) AS last_dispatcher_seen_at,
-       (SELECT coalesce(sum(changes), 0) FROM webhooks.capture)
+       (SELECT coalesce(sum(changes - fanned), 0) FROM webhooks.capture)
        + (SELECT count(*) FROM webhooks.outbox WHERE dispatched_at IS NULL) AS outbox_backlog,
        (SELECT count(*) FROM webhooks.delivery
          WHERE state = 'pending' AND due_at <= now()) AS deliveries_due,
@@ -474,8 +494,7 @@ REVOKE ALL ON webhooks.capture, webhooks.captured FROM PUBLIC;
 REVOKE ALL ON FUNCTION webhooks.fan_out_outbox() FROM PUBLIC;
 GRANT SELECT ON webhooks.capture, webhooks.captured TO danbyte_dispatcher;
 GRANT DELETE ON webhooks.capture TO danbyte_dispatcher;
--- FOR UPDATE (the fan-out's row locks) needs the right to update some column.
-GRANT UPDATE (changes) ON webhooks.capture TO danbyte_dispatcher;
+GRANT UPDATE (fanned) ON webhooks.capture TO danbyte_dispatcher;
 GRANT INSERT ON webhooks.outbox TO danbyte_dispatcher;
 GRANT EXECUTE ON FUNCTION webhooks.fan_out_outbox() TO danbyte_dispatcher;
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
@@ -346,12 +347,18 @@ def test_new_deliveries_are_leased_as_they_are_made_where_their_webhook_has_room
             assert owner.execute(
                 "SELECT object_type, postchange FROM webhooks.captured"
             ).fetchall() == [("public.t", {"id": 5})]
-            # A statement is fanned out whole, however little room is left.
+            # A statement is fanned out in part when the room is smaller: its
+            # first changes now, the rest in the next turns.
             assert cycle(1, a=0, b=0).changes == 1
             owner.execute("INSERT INTO t SELECT g FROM generate_series(6, 8) g")
             found = cycle(1, a=0, b=0)
-            assert (found.changes, found.more) == (3, True)
-            assert found.jobs == []
+            assert (found.changes, found.more, found.jobs) == (1, True, [])
+            waiting = "SELECT postchange->>'id' FROM webhooks.captured ORDER BY id"
+            assert owner.execute(waiting).fetchall() == [("7",), ("8",)]
+            assert owner.execute("SELECT outbox_backlog FROM webhooks.status").fetchone() == (2,)
+            found = cycle(3, a=0, b=0)
+            assert (found.changes, found.more) == (2, False)
+            assert owner.execute(waiting).fetchall() == []
             assert delivery_states(owner)[8:] == [
                 (g, w, "pending") for g in range(5, 9) for w in (a, b)
             ]
@@ -420,3 +427,38 @@ def test_results_ride_along_with_a_look_only_while_polling(database: Database) -
                 assert state == ("succeeded",)
                 d.claimed.clear()
                 d.held.clear()
+
+
+def test_dispatchers_taking_parts_of_the_same_statements_fan_each_change_out_once(
+    database: Database,
+) -> None:
+    """A turn whose snapshot predates another's partial take of a statement must
+    start where that take ended (its lock returns the latest row, its reads the
+    older one): else the same changes are fanned out twice."""
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(owner, "t", None)
+        db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
+        owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 3000) g")
+    errors: list[BaseException] = []
+    taken: list[int] = []
+
+    def work() -> None:
+        try:
+            with db.connect(database.dsn) as conn:
+                while found := db.cycle(conn, me="me", fan_out_limit=3).changes:
+                    taken.append(found)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and sum(taken) == 3000
+    with database.connect() as owner:
+        made = owner.execute(
+            "SELECT count(*), count(DISTINCT object_id::text) FROM webhooks.delivery"
+        ).fetchone()
+        assert made == (3000, 3000)
