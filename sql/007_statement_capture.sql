@@ -18,9 +18,11 @@
 -- The sharp edges:
 --  * A JSON value cannot exceed 1 GB. A statement that may have changed more
 --    than 1,000 rows (the transaction's own count of rows inserted, updated
---    or deleted in the table says so; a partitioned table keeps no count, so
---    its statements are always taken this way) is captured in rows of 1,000
---    changes.
+--    or deleted in the table says so; a partitioned table keeps no count, nor
+--    does any table with track_counts off, so their statements are always
+--    taken this way) is captured in rows of 1,000 changes.
+--  * The fan-out takes a big statement's changes over as many turns as its
+--    room needs (capture.fanned counts those taken), first to last.
 --  * An UPDATE that changes nothing is now dropped by the dispatcher, not by
 --    the trigger: pairing old and new rows in the trigger cost more than
 --    the rest of the capture. The dispatcher's fan-out skips them as before.
@@ -117,8 +119,10 @@ DECLARE
     -- More than 1,000 rows may have changed: capture them 1,000 at a time (a
     -- JSON value cannot exceed 1 GB). The transaction's count for the table
     -- (a plain expression: no query) covers this statement's rows; a
-    -- partitioned table (no storage) has no count of its own.
+    -- partitioned table (no storage) has no count of its own, and there are
+    -- no counts at all with track_counts off.
     chunked pg_catalog.bool := pg_catalog.pg_relation_filenode(TG_RELID) IS NULL
+        OR pg_catalog.current_setting('track_counts') OPERATOR(pg_catalog.=) 'off'
         OR CASE event_bit WHEN 1 THEN pg_catalog.pg_stat_get_xact_tuples_inserted(TG_RELID)
                           WHEN 2 THEN pg_catalog.pg_stat_get_xact_tuples_updated(TG_RELID)
                           ELSE pg_catalog.pg_stat_get_xact_tuples_deleted(TG_RELID) END
