@@ -16,11 +16,9 @@
 -- and two.
 --
 -- The sharp edges:
---  * A JSON value cannot exceed 1 GB. A statement that may have changed more
---    than 1,000 rows (the transaction's own count of rows inserted, updated
---    or deleted in the table says so; a partitioned table keeps no count, nor
---    does any table with track_counts off, so their statements are always
---    taken this way) is captured in rows of 1,000 changes.
+--  * A JSON value cannot exceed 1 GB. A statement that changed more than
+--    1,000 rows is captured in rows of 1,000 changes (the trigger's first
+--    query reads at most 1,001 rows: it tells, for the cost of a LIMIT).
 --  * The fan-out takes a big statement's changes over as many turns as its
 --    room needs (capture.fanned counts those taken), first to last.
 --  * An UPDATE that changes nothing is now dropped by the dispatcher, not by
@@ -116,17 +114,6 @@ DECLARE
     event_bit pg_catalog.int8 := CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN 1
                                       WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN 2
                                       ELSE 4 END;
-    -- More than 1,000 rows may have changed: capture them 1,000 at a time (a
-    -- JSON value cannot exceed 1 GB). The transaction's count for the table
-    -- (a plain expression: no query) covers this statement's rows; a
-    -- partitioned table (no storage) has no count of its own, and there are
-    -- no counts at all with track_counts off.
-    chunked pg_catalog.bool := pg_catalog.pg_relation_filenode(TG_RELID) IS NULL
-        OR pg_catalog.current_setting('track_counts') OPERATOR(pg_catalog.=) 'off'
-        OR CASE event_bit WHEN 1 THEN pg_catalog.pg_stat_get_xact_tuples_inserted(TG_RELID)
-                          WHEN 2 THEN pg_catalog.pg_stat_get_xact_tuples_updated(TG_RELID)
-                          ELSE pg_catalog.pg_stat_get_xact_tuples_deleted(TG_RELID) END
-           OPERATOR(pg_catalog.>) 1000;
 BEGIN
     -- No enabled webhook wants this event: capture nothing (see webhooks.wanted).
     IF pg_catalog.pg_sequence_last_value('webhooks.wanted'::pg_catalog.regclass)
@@ -140,67 +127,77 @@ BEGIN
     rid := pg_catalog.current_setting('danbyte.request_id', true);
     IF uname OPERATOR(pg_catalog.=) '' THEN uname := NULL; END IF;
     IF rid OPERATOR(pg_catalog.=) '' THEN rid := NULL; END IF;
-    -- (A statement trigger fires for statements that changed no row too:
-    -- they capture nothing.)
-    IF NOT chunked THEN
-        IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-            INSERT INTO webhooks.capture
-                (event, object_type, key_columns, changes, postchange, changed_at, db_user, username, request_id)
-            SELECT 'create', TG_ARGV[0], TG_ARGV[1:], s.n, s.r, ts, who, uname, rid
-              FROM (SELECT pg_catalog.count(*) AS n, pg_catalog.json_agg(t) AS r FROM danbyte_new t) s
-             WHERE s.n OPERATOR(pg_catalog.>) 0;
-        ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-            -- The two arrays pair up by position: PostgreSQL appends the old and
-            -- the new version of each updated row to the two transition tables
-            -- together (see 001).
-            INSERT INTO webhooks.capture
-                (event, object_type, key_columns, changes, prechange, postchange, changed_at, db_user,
-                 username, request_id)
-            SELECT 'update', TG_ARGV[0], TG_ARGV[1:], b.n, b.r,
-                   (SELECT pg_catalog.json_agg(t) FROM danbyte_new t), ts, who, uname, rid
-              FROM (SELECT pg_catalog.count(*) AS n, pg_catalog.json_agg(t) AS r FROM danbyte_old t) b
-             WHERE b.n OPERATOR(pg_catalog.>) 0;
-        ELSE
-            INSERT INTO webhooks.capture
-                (event, object_type, key_columns, changes, prechange, changed_at, db_user, username, request_id)
-            SELECT 'delete', TG_ARGV[0], TG_ARGV[1:], s.n, s.r, ts, who, uname, rid
-              FROM (SELECT pg_catalog.count(*) AS n, pg_catalog.json_agg(t) AS r FROM danbyte_old t) s
-             WHERE s.n OPERATOR(pg_catalog.>) 0;
-        END IF;
+    -- One row for the statement if it changed 1,000 rows or fewer: the
+    -- LIMIT tells, for the cost of one node. (A statement trigger fires for
+    -- statements that changed no row too: they capture nothing.)
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        INSERT INTO webhooks.capture
+            (event, object_type, key_columns, changes, postchange, changed_at, db_user, username, request_id)
+        SELECT 'create', TG_ARGV[0], TG_ARGV[1:], s.n, s.r, ts, who, uname, rid
+          FROM (SELECT pg_catalog.count(*) AS n, pg_catalog.json_agg(x.r) AS r
+                  FROM (SELECT t AS r FROM danbyte_new t LIMIT 1001) x) s
+         WHERE s.n OPERATOR(pg_catalog.>) 0 AND s.n OPERATOR(pg_catalog.<=) 1000;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        -- The two arrays pair up by position: PostgreSQL appends the old and
+        -- the new version of each updated row to the two transition tables
+        -- together (see 001).
         INSERT INTO webhooks.capture
             (event, object_type, key_columns, changes, prechange, postchange, changed_at, db_user,
              username, request_id)
-        SELECT 'update', TG_ARGV[0], TG_ARGV[1:], pg_catalog.count(*),
-               pg_catalog.json_agg(b.r ORDER BY b.i), pg_catalog.json_agg(a.r ORDER BY a.i),
-               ts, who, uname, rid
-          FROM (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.to_json(t) AS r
-                  FROM danbyte_old t) b
-          JOIN (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.to_json(t) AS r
-                  FROM danbyte_new t) a
-            ON a.i OPERATOR(pg_catalog.=) b.i
-         GROUP BY (b.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000
-         ORDER BY (b.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000;
-    ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-        INSERT INTO webhooks.capture
-            (event, object_type, key_columns, changes, postchange, changed_at, db_user, username, request_id)
-        SELECT 'create', TG_ARGV[0], TG_ARGV[1:], pg_catalog.count(*),
-               pg_catalog.json_agg(s.r ORDER BY s.i), ts, who, uname, rid
-          FROM (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.to_json(t) AS r
-                  FROM danbyte_new t) s
-         GROUP BY (s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000
-         ORDER BY (s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000;
+        SELECT 'update', TG_ARGV[0], TG_ARGV[1:], b.n, b.r,
+               (SELECT pg_catalog.json_agg(t) FROM danbyte_new t), ts, who, uname, rid
+          FROM (SELECT pg_catalog.count(*) AS n, pg_catalog.json_agg(x.r) AS r
+                  FROM (SELECT t AS r FROM danbyte_old t LIMIT 1001) x) b
+         WHERE b.n OPERATOR(pg_catalog.>) 0 AND b.n OPERATOR(pg_catalog.<=) 1000;
     ELSE
         INSERT INTO webhooks.capture
             (event, object_type, key_columns, changes, prechange, changed_at, db_user, username, request_id)
-        SELECT 'delete', TG_ARGV[0], TG_ARGV[1:], pg_catalog.count(*),
-               pg_catalog.json_agg(s.r ORDER BY s.i), ts, who, uname, rid
-          FROM (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.to_json(t) AS r
-                  FROM danbyte_old t) s
-         GROUP BY (s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000
-         ORDER BY (s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000;
+        SELECT 'delete', TG_ARGV[0], TG_ARGV[1:], s.n, s.r, ts, who, uname, rid
+          FROM (SELECT pg_catalog.count(*) AS n, pg_catalog.json_agg(x.r) AS r
+                  FROM (SELECT t AS r FROM danbyte_old t LIMIT 1001) x) s
+         WHERE s.n OPERATOR(pg_catalog.>) 0 AND s.n OPERATOR(pg_catalog.<=) 1000;
     END IF;
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- More than 1,000 rows (or none): 1,000 at a time, since a JSON value
+    -- cannot exceed 1 GB.
+    IF n OPERATOR(pg_catalog.=) 0 THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+            INSERT INTO webhooks.capture
+                (event, object_type, key_columns, changes, prechange, postchange, changed_at, db_user,
+                 username, request_id)
+            SELECT 'update', TG_ARGV[0], TG_ARGV[1:], pg_catalog.count(*),
+                   pg_catalog.json_agg(b.r ORDER BY b.i), pg_catalog.json_agg(a.r ORDER BY a.i),
+                   ts, who, uname, rid
+              FROM (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.to_json(t) AS r
+                      FROM danbyte_old t) b
+              JOIN (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.to_json(t) AS r
+                      FROM danbyte_new t) a
+                ON a.i OPERATOR(pg_catalog.=) b.i
+             GROUP BY (b.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000
+             ORDER BY (b.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000;
+        ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+            INSERT INTO webhooks.capture
+                (event, object_type, key_columns, changes, postchange, changed_at, db_user, username,
+                 request_id)
+            SELECT 'create', TG_ARGV[0], TG_ARGV[1:], pg_catalog.count(*),
+                   pg_catalog.json_agg(s.r ORDER BY s.i), ts, who, uname, rid
+              FROM (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.to_json(t) AS r
+                      FROM danbyte_new t) s
+             GROUP BY (s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000
+             ORDER BY (s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000;
+        ELSE
+            INSERT INTO webhooks.capture
+                (event, object_type, key_columns, changes, prechange, changed_at, db_user, username,
+                 request_id)
+            SELECT 'delete', TG_ARGV[0], TG_ARGV[1:], pg_catalog.count(*),
+                   pg_catalog.json_agg(s.r ORDER BY s.i), ts, who, uname, rid
+              FROM (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.to_json(t) AS r
+                      FROM danbyte_old t) s
+             GROUP BY (s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000
+             ORDER BY (s.i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000;
+        END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
     IF n OPERATOR(pg_catalog.>) 0
        -- A plain expression, not a query (see 005).
        AND pg_catalog.pg_sequence_last_value('webhooks.wake'::pg_catalog.regclass)

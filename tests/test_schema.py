@@ -365,17 +365,26 @@ def test_multi_row_update_pairs_each_old_row_with_its_new_row(
             assert after["a"] == -before["a"] and after["b"] == before["b"]
 
 
-def test_without_row_counts_big_statements_are_still_captured_in_parts(
-    capturing: psycopg.Connection,
-) -> None:
+def test_statements_are_captured_whole_up_to_1000_rows(capturing: psycopg.Connection) -> None:
     conn = capturing
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     db.watch(conn, "t", None)
-    conn.execute("SET track_counts = off")  # the trigger cannot tell how many rows changed
-    conn.execute("INSERT INTO t SELECT g FROM generate_series(1, 1500) g")
-    sizes = conn.execute("SELECT changes FROM webhooks.capture ORDER BY id").fetchall()
-    assert sizes == [(1000,), (500,)]
-    assert [r["object_id"] for r in captured(conn)] == list(range(1, 1501))
+    with conn.transaction():  # the rows a transaction changed before do not count
+        conn.execute("INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
+        conn.execute("INSERT INTO t SELECT g FROM generate_series(1001, 2001) g")
+        conn.execute("UPDATE t SET id = id WHERE false")  # no row: nothing captured
+        conn.execute("DELETE FROM t WHERE id > 1000")
+    sizes = conn.execute("SELECT event, changes FROM webhooks.capture ORDER BY id").fetchall()
+    assert sizes == [
+        ("create", 1000),
+        ("create", 1000),
+        ("create", 1),
+        ("delete", 1000),
+        ("delete", 1),
+    ]
+    assert [r["object_id"] for r in captured(conn)] == list(range(1, 2002)) + list(
+        range(1001, 2002)
+    )
 
 
 def test_partitioned_table(capturing: psycopg.Connection) -> None:
