@@ -364,7 +364,16 @@ BEGIN
         WITH locked AS (
             SELECT c.id, c.fanned, c.changes - c.fanned AS waiting FROM webhooks.capture c
              ORDER BY c.id
-             LIMIT fan_limit
+             -- Only as many statements as the limit needs, counted over all of
+             -- them: a turn that locked every statement it could see would leave
+             -- the other dispatchers nothing to take.
+             LIMIT (SELECT count(*)
+                      FROM (SELECT sum(p.changes - p.fanned) OVER (ORDER BY p.id)
+                                   - (p.changes - p.fanned) AS before
+                              FROM webhooks.capture p
+                             ORDER BY p.id
+                             LIMIT fan_limit) p
+                     WHERE p.before < fan_limit)
              -- SKIP LOCKED: concurrent dispatchers take disjoint statements instead
              -- of queueing behind each other's row locks.
                FOR UPDATE SKIP LOCKED

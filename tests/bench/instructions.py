@@ -31,8 +31,8 @@ from dispatcher.pgcluster import TempCluster
 from tests.bench import create_tables
 
 #: name -> (statement inside the loop, rows per statement). Every run gets
-#: rows of its own ({base}): rows left dead by an earlier rolled-back run
-#: would add work of their own.
+#: rows of its own ({base}): rows left dead by an earlier run would add work
+#: of their own.
 STATEMENTS = {
     "single-row INSERT": ("INSERT INTO {t} (id) VALUES ({base} + i)", 1),
     "single-row UPDATE": ("UPDATE {t} SET n = n + 1 WHERE id = {base} + i", 1),
@@ -75,8 +75,7 @@ def setup(cluster: TempCluster) -> None:
 
 def instructions(cluster: TempCluster, database: str, statement: str, loops: int) -> int:
     """Instructions of a single-user server running ``statement`` ``loops`` times, each in a
-    transaction of its own (as most application writes are: the capture trigger takes another
-    path once a transaction has changed more than 1,000 rows of the table)."""
+    transaction of its own (as most application writes are), commit included."""
     script = f"DO $$BEGIN FOR i IN 1..{loops} LOOP {statement}; COMMIT; END LOOP; END$$;\n"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
