@@ -462,3 +462,26 @@ def test_dispatchers_taking_parts_of_the_same_statements_fan_each_change_out_onc
             "SELECT count(*), count(DISTINCT object_id::text) FROM webhooks.delivery"
         ).fetchone()
         assert made == (3000, 3000)
+
+
+def test_a_turn_locks_only_the_statements_it_takes(database: Database) -> None:
+    """Another dispatcher's turn takes the next statement while the first one's
+    turn is still open."""
+    with database.connect() as owner:
+        owner.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        db.watch(owner, "t", None)
+        db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
+        for i in range(3):
+            owner.execute(
+                "INSERT INTO t SELECT g FROM generate_series(%s::int, %s::int) g",
+                (i * 10 + 1, i * 10 + 10),
+            )
+    with db.connect(database.dsn) as first, db.connect(database.dsn) as second:
+        with first.transaction():  # its turn's row locks are held until this ends
+            assert db.cycle(first, me="a", fan_out_limit=5).changes == 5
+            assert db.cycle(second, me="b", fan_out_limit=5).changes == 5
+        taken = second.execute(
+            "SELECT (SELECT count(*) FROM webhooks.outbox), "
+            "(SELECT array_agg(fanned ORDER BY id) FROM webhooks.capture)"
+        ).fetchone()
+        assert taken == (10, [5, 5, 0])
