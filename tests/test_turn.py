@@ -24,7 +24,7 @@ def rows_read(conn: psycopg.Connection) -> dict[str, int]:
     rows = conn.execute(
         "SELECT relname, coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) "
         "FROM pg_stat_user_tables WHERE schemaname = 'webhooks' "
-        "AND relname IN ('delivery', 'outbox')"
+        "AND relname IN ('delivery', 'outbox', 'capture')"
     ).fetchall()
     return {name: int(n) for name, n in rows}
 
@@ -68,6 +68,8 @@ def test_turns_read_only_the_rows_they_need(database: Database) -> None:
         # insert); a plan that scanned a table per row would read millions.
         assert fanned["outbox"] - before["outbox"] < 100_000, (before, fanned)
         assert fanned["delivery"] - before["delivery"] < 100_000, (before, fanned)
+        # The 20,000 changes came in 20 captured statements (of 1,000 changes).
+        assert fanned["capture"] - before["capture"] < 5000, (before, fanned)
         before = fanned
         pending: list[Outcome] = []
         for _ in range(10):
@@ -80,6 +82,7 @@ def test_turns_read_only_the_rows_they_need(database: Database) -> None:
         # either table whole would read 20,000 rows each time.
         assert after["delivery"] - before["delivery"] < 5000, (before, after)
         assert after["outbox"] - before["outbox"] < 5000, (before, after)
+        assert after["capture"] - before["capture"] < 5000, (before, after)
         done = owner.execute(
             "SELECT count(*) FROM webhooks.delivery WHERE state = 'succeeded'"
         ).fetchone()
