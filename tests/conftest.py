@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,24 @@ from dispatcher.pgcluster import PostgresNotFound, TempCluster
 from tests.httpd import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_threads(work: Callable[[], object], n: int, timeout: float) -> list[BaseException]:
+    """Run ``work`` in ``n`` threads at once; return what they raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
 
 
 class Server:

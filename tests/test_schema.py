@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from click.testing import CliRunner
 from dispatcher import db
 from dispatcher.cli import main
 from dispatcher.pgcluster import find_bindir
-from tests.conftest import ROOT, Database
+from tests.conftest import ROOT, Database, in_threads
 
 BINDIR = find_bindir()
 
@@ -99,22 +98,13 @@ def test_psql_and_migrate_give_the_same_schema(pg_server, empty_database: Databa
 
 
 def test_concurrent_migrations_do_not_collide(empty_database: Database) -> None:
-    errors: list[BaseException] = []
     reported: list[str] = []
 
     def run() -> None:
-        try:
-            with empty_database.connect() as c:
-                reported.extend(m.version for m in db.migrate(c))
-        except BaseException as exc:
-            errors.append(exc)
+        with empty_database.connect() as c:
+            reported.extend(m.version for m in db.migrate(c))
 
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    assert not in_threads(run, 4, 60)
     # each migration is reported applied by exactly one of the four runs
     assert sorted(reported) == VERSIONS
     with empty_database.connect() as c:

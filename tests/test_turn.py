@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg
@@ -12,7 +11,7 @@ from dispatcher.config import Settings
 from dispatcher.daemon import RATE_WINDOW, WRITE_BACK_DELAY
 from dispatcher.delivery import Outcome
 from dispatcher.retry import decide
-from tests.conftest import Database
+from tests.conftest import Database, in_threads
 from tests.jobs import make_job, make_outcome, stepped_dispatcher
 
 
@@ -443,23 +442,14 @@ def test_dispatchers_taking_parts_of_the_same_statements_fan_each_change_out_onc
         db.watch(owner, "t", None)
         db.add_webhook(owner, {"name": "w", "payload_url": "http://127.0.0.1:9/"})
         owner.execute("INSERT INTO t SELECT g FROM generate_series(1, 3000) g")
-    errors: list[BaseException] = []
     taken: list[int] = []
 
     def work() -> None:
-        try:
-            with db.connect(database.dsn) as conn:
-                while found := db.cycle(conn, me="me", fan_out_limit=3).changes:
-                    taken.append(found)
-        except BaseException as exc:
-            errors.append(exc)
+        with db.connect(database.dsn) as conn:
+            while found := db.cycle(conn, me="me", fan_out_limit=3).changes:
+                taken.append(found)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert errors == [] and sum(taken) == 3000
+    assert in_threads(work, 4, 120) == [] and sum(taken) == 3000
     with database.connect() as owner:
         made = owner.execute(
             "SELECT count(*), count(DISTINCT object_id::text) FROM webhooks.delivery"
