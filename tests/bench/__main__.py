@@ -226,25 +226,58 @@ def rate_from(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (None: gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
     """User plus system CPU seconds used so far by each of ``pids`` still running."""
     used = {}
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        fields = _stat(pid)
+        if fields is not None:
+            used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return used
+
+
+def exited_cpu_seconds(pid: int) -> float:
+    """CPU seconds used by the children ``pid`` has reaped so far (for the
+    postmaster: by the server processes that exited, such as closed sessions)."""
+    fields = _stat(pid)
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds the whole machine has spent so far: ``busy`` (user, system,
+    interrupts), ``idle`` (iowait included) and ``steal`` (taken by the hypervisor)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    hz = os.sysconf("SC_CLK_TCK")
+    return {
+        "busy": (user + nice + system + irq + softirq) / hz,
+        "idle": (idle + iowait) / hz,
+        "steal": steal / hz,
+    }
+
+
+def postmaster_pid(bench: Bench) -> int | None:
+    """The throwaway server's postmaster (None with --dsn)."""
+    if bench.cluster is None:
+        return None
+    try:
+        return int((bench.cluster.datadir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def server_pids(bench: Bench) -> list[int]:
     """The throwaway server's processes now (none with --dsn: it may be elsewhere)."""
-    if bench.cluster is None:
-        return []
-    try:
-        postmaster = int((bench.cluster.datadir / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+    postmaster = postmaster_pid(bench)
+    if postmaster is None:
         return []
     pids = [postmaster]
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -255,6 +288,13 @@ def server_pids(bench: Bench) -> list[int]:
         if int(fields[1]) == postmaster:
             pids.append(int(stat.parent.name))
     return pids
+
+
+@dataclass
+class CpuSnapshot:
+    at: float  # time.monotonic()
+    processes: dict[str, dict[int, float]]  # group -> pid -> CPU seconds so far
+    machine: dict[str, float]  # machine_cpu()
 
 
 def drain(
@@ -269,20 +309,22 @@ def drain(
 ) -> tuple[float, list[float]]:
     """Start dispatchers on a loaded backlog; return (deliveries/s, arrival times).
 
-    With ``cpu``, also fill it with the cores used meanwhile by the
-    dispatchers, the server and the receiver.
+    With ``cpu``, also fill it with the cores used while deliveries arrived
+    (from the first poll that saw some to the end: start-up does not count)
+    by the dispatchers, the server and the receiver, and by the whole machine
+    (``machine_busy``, ``machine_idle``, ``machine_steal``).
     """
     bench.stats()
     times: list[float] = []
 
-    def others() -> dict[str, list[int]]:
-        pids = {"postgres": server_pids(bench), "receiver": [bench.receiver.pid]}
-        if not pids["postgres"]:
-            del pids["postgres"]  # not ours to measure
-        return pids
+    def snapshot(running: list[subprocess.Popen]) -> CpuSnapshot:
+        pids = {"dispatchers": [p.pid for p in running], "receiver": [bench.receiver.pid]}
+        if bench.cluster is not None:  # with --dsn the server is not ours to measure
+            pids["postgres"] = server_pids(bench)
+        used = {k: cpu_seconds(v) for k, v in pids.items()}
+        return CpuSnapshot(time.monotonic(), used, machine_cpu())
 
-    before = {k: cpu_seconds(v) for k, v in others().items()}
-    started = time.monotonic()
+    first: CpuSnapshot | None = None
     with bench.dispatchers(dsn, procs, *args) as running:
         deadline = time.monotonic() + timeout
         while len(times) < n_expected:
@@ -290,16 +332,20 @@ def drain(
             for path, got in bench.stats().items():
                 if path_filter(path):
                     times.extend(t for _, t in got)
+            if cpu is not None and first is None and times:
+                first = snapshot(running)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"benchmark: {len(times)} of {n_expected} deliveries arrived")
-        if cpu is not None:
-            # Processes started meanwhile (the dispatchers' server backends)
-            # count from zero; those that ended meanwhile are not counted.
-            wall = time.monotonic() - started
-            cpu["dispatchers"] = sum(cpu_seconds([p.pid for p in running]).values()) / wall
-            for k, pids in others().items():
-                now = cpu_seconds(pids)
-                cpu[k] = sum(t - before[k].get(pid, 0.0) for pid, t in now.items()) / wall
+        if cpu is not None and first is not None:
+            # Processes started after the first snapshot count from zero;
+            # those that ended meanwhile are not counted.
+            end = snapshot(running)
+            wall = max(end.at - first.at, 1e-9)
+            for k, now in end.processes.items():
+                before = first.processes[k]
+                cpu[k] = sum(t - before.get(pid, 0.0) for pid, t in now.items()) / wall
+            for k, t in end.machine.items():
+                cpu[f"machine_{k}"] = (t - first.machine[k]) / wall
     return rate_from(times), times
 
 
@@ -308,9 +354,21 @@ def drain(
 # ---------------------------------------------------------------------------
 
 
-def pgbench(bench: Bench, dsn: str, script: str, seconds: float, clients: int = 8) -> float:
+@dataclass
+class Writes:
+    """One pgbench run."""
+
+    tps: float
+    #: Server CPU per transaction of the sessions pgbench opened, in
+    #: microseconds: the writers' own cost, trigger included (nan with --dsn).
+    cpu_us: float
+
+
+def pgbench(bench: Bench, dsn: str, script: str, seconds: float, clients: int = 8) -> Writes:
     bindir = find_bindir()
     assert bindir is not None
+    postmaster = postmaster_pid(bench)
+    exited_before = exited_cpu_seconds(postmaster) if postmaster else 0.0
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
     out = subprocess.run(
@@ -333,8 +391,28 @@ def pgbench(bench: Bench, dsn: str, script: str, seconds: float, clients: int = 
     ).stdout
     os.unlink(f.name)
     m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
-    assert m, out
-    return float(m.group(1))
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    assert m and done, out
+    cpu_us = float("nan")
+    if postmaster is not None:
+        # The sessions' processes count once the postmaster has reaped them:
+        # their CPU is then in its children's total. (Other server processes
+        # that exited meanwhile, such as an autovacuum worker, count too.)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and c.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbench'"
+            ).fetchone() != (0,):
+                time.sleep(0.05)
+        time.sleep(0.2)  # from leaving pg_stat_activity to being reaped
+        exited = exited_cpu_seconds(postmaster) - exited_before
+        cpu_us = exited / max(1, int(done.group(1))) * 1e6
+    return Writes(float(m.group(1)), cpu_us)
+
+
+def median_ratio(runs: list[Writes], baselines: list[Writes]) -> float:
+    """The median of the rounds' throughput ratios (runs and baselines alternated)."""
+    return statistics.median(r.tps / b.tps for r, b in zip(runs, baselines, strict=True))
 
 
 def figure_write_path(bench: Bench) -> dict[str, Any]:
@@ -356,28 +434,31 @@ def figure_write_path(bench: Bench) -> dict[str, Any]:
     # First, before the runs below leave big tables and autovacuum work behind.
     results: dict[str, Any] = multirow(bench)
 
-    def pair(label: str, reference: bool = False) -> None:
+    def pair(
+        label: str, reference: bool = False, ops: tuple[str, ...] = ("insert", "update")
+    ) -> None:
         # Baseline and watched runs alternate, and the ratio is the median of
         # the rounds' ratios: this machine's speed drifts between runs.
-        for op, script in (("insert", insert), ("update", update)):
-            runs: dict[str, list[float]] = {"plain": [], "bench": [], "reference": []}
+        for op in ops:
+            script = insert if op == "insert" else update
+            runs: dict[str, list[Writes]] = {"plain": [], "bench": [], "reference": []}
             tables = ["plain", "bench"] + (["reference"] if reference and op == "insert" else [])
             for _ in range(s.rounds):
                 for t in tables:
                     runs[t].append(pgbench(bench, dsn, script.format(t=t), s.seconds))
-            ratios = [w / b for w, b in zip(runs["bench"], runs["plain"], strict=True)]
             results[f"{op}_{label}"] = {
-                "tps": statistics.median(runs["bench"]),
-                "baseline_tps": statistics.median(runs["plain"]),
-                "ratio": statistics.median(ratios),
-                "runs": runs,
+                "tps": statistics.median(r.tps for r in runs["bench"]),
+                "baseline_tps": statistics.median(r.tps for r in runs["plain"]),
+                "ratio": median_ratio(runs["bench"], runs["plain"]),
+                "cpu_us_per_tx": statistics.median(r.cpu_us for r in runs["bench"]),
+                "baseline_cpu_us_per_tx": statistics.median(r.cpu_us for r in runs["plain"]),
+                "runs": {t: [vars(r) for r in rs] for t, rs in runs.items() if rs},
             }
             if runs["reference"]:
                 results[f"{op}_{label}_reference"] = {
-                    "tps": statistics.median(runs["reference"]),
-                    "ratio": statistics.median(
-                        [r / b for r, b in zip(runs["reference"], runs["plain"], strict=True)]
-                    ),
+                    "tps": statistics.median(r.tps for r in runs["reference"]),
+                    "ratio": median_ratio(runs["reference"], runs["plain"]),
+                    "cpu_us_per_tx": statistics.median(r.cpu_us for r in runs["reference"]),
                 }
 
     # A webhook wants every change (the triggers capture only what some
@@ -398,6 +479,16 @@ def figure_write_path(bench: Bench) -> dict[str, Any]:
                 "SELECT outbox_backlog + deliveries_due FROM webhooks.status"
             ).fetchone()
         results["busy_backlog_left"] = int(row[0]) if row else 0
+    bench.stats()
+    # The control: the dispatcher drains a backlog in another database of the
+    # same server, so it competes for the CPU and the WAL as above but never
+    # touches this database's queue tables.
+    elsewhere = bench.fresh()
+    add_webhook(bench, elsewhere, "fast", "/fast")
+    load_backlog(elsewhere, int(2 * s.rounds * s.seconds * 1500) + 2000)
+    with bench.dispatchers(elsewhere, 1):
+        time.sleep(0.5)
+        pair("dispatcher_busy_elsewhere", ops=("insert",))
     bench.stats()
     # Idle: no webhook wants these writes. The dispatcher lowers the wanted
     # events when it starts, so the triggers capture nothing.
@@ -487,6 +578,12 @@ def figure_throughput(bench: Bench) -> dict[str, Any]:
         results[f"cpu_processes_{procs}"] = cpu
     results["ratio_1_process_to_baseline"] = results["processes_1"] / baseline
     results["ratio_2_to_1_processes"] = results["processes_2"] / results["processes_1"]
+    # What two processes could reach at best on this machine: one process
+    # keeps this many cores busy (itself, the server's share, the receiver),
+    # and two cannot use more cores than there are.
+    one = results["cpu_processes_1"]
+    used = sum(one.get(k, float("nan")) for k in ("dispatchers", "postgres", "receiver"))
+    results["cpu_bound_2_to_1_processes"] = min(2.0, (os.cpu_count() or 1) / used)
     return results
 
 
@@ -791,6 +888,25 @@ def table(r: dict[str, Any]) -> list[str]:
             ">= 0.75x",
         ),
         (
+            "1 write path: INSERT tps, dispatcher busy on another database",
+            f"{w['insert_dispatcher_busy_elsewhere']['tps']:.0f}",
+            f"{w['insert_dispatcher_busy_elsewhere']['baseline_tps']:.0f} unwatched",
+            f"{w['insert_dispatcher_busy_elsewhere']['ratio']:.2f}x",
+            "",
+        ),
+        *[
+            (
+                f"1 server CPU per transaction, {label}: INSERT / UPDATE us",
+                f"{w[f'insert_{key}']['cpu_us_per_tx']:.0f} / "
+                f"{w[f'update_{key}']['cpu_us_per_tx']:.0f}",
+                f"{w[f'insert_{key}']['baseline_cpu_us_per_tx']:.0f} / "
+                f"{w[f'update_{key}']['baseline_cpu_us_per_tx']:.0f} unwatched",
+                "",
+                "",
+            )
+            for key, label in (("no_dispatcher", "no dispatcher"), ("dispatcher_busy", "busy"))
+        ],
+        (
             "1 write path: INSERT tps, no webhook wants them",
             f"{w['insert_dispatcher_idle']['tps']:.0f}",
             f"{w['insert_dispatcher_idle']['baseline_tps']:.0f} unwatched",
@@ -816,6 +932,13 @@ def table(r: dict[str, Any]) -> list[str]:
             f"{w['insert_no_dispatcher_reference']['tps']:.0f}",
             f"{w['insert_no_dispatcher']['baseline_tps']:.0f} unwatched",
             f"{w['insert_no_dispatcher_reference']['ratio']:.2f}x",
+            "",
+        ),
+        (
+            "1 reference: server CPU per transaction, us",
+            f"{w['insert_no_dispatcher_reference']['cpu_us_per_tx']:.0f}",
+            f"{w['insert_no_dispatcher']['baseline_cpu_us_per_tx']:.0f} unwatched",
+            "",
             "",
         ),
         (
@@ -874,6 +997,13 @@ def table(r: dict[str, Any]) -> list[str]:
             f"{t['ratio_2_to_1_processes']:.2f}x",
             ">= 1.5x",
         ),
+        (
+            "3 2 processes at most: cores / cores 1 process uses",
+            "",
+            "",
+            f"{t['cpu_bound_2_to_1_processes']:.2f}x",
+            "",
+        ),
         *[
             (
                 f"3 cores used, {k} process{'es' if k > 1 else ''}: dispatcher/server/receiver",
@@ -881,7 +1011,13 @@ def table(r: dict[str, Any]) -> list[str]:
                     f"{t[f'cpu_processes_{k}'].get(x, float('nan')):.2f}"
                     for x in ("dispatchers", "postgres", "receiver")
                 ),
-                f"{os.cpu_count()} cores in all",
+                "machine: {:.2f} busy, {:.2f} idle, {:.2f} stolen of {}".format(
+                    *(
+                        t[f"cpu_processes_{k}"].get(f"machine_{x}", float("nan"))
+                        for x in ("busy", "idle", "steal")
+                    ),
+                    os.cpu_count(),
+                ),
                 "",
                 "",
             )
