@@ -6,6 +6,11 @@ moment it finishes one, so a freed sender never waits for a database round
 trip. The per-webhook concurrency limit is enforced here, at send time:
 claimed jobs beyond it wait in their webhook's queue, and webhooks take turns
 (round robin), so one slow endpoint never holds up the others.
+
+A new job wakes the sender that went idle last, not the one idle longest: at
+light load the same thread sends one request after another, over its warm
+keep-alive connection, instead of every sender in turn opening and keeping a
+connection of its own to the receiver.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ class Scheduler:
     def __init__(self, per_webhook: int) -> None:
         self.per_webhook = per_webhook
         self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
+        # One held lock per waiting take(), the last to wait last: waking
+        # releases a lock popped from the end (threading.Condition would wake
+        # the longest waiter).
+        self._idle: list[threading.Lock] = []
         # Webhooks with queued jobs, in turn order; a webhook is moved to the
         # back when one of its jobs starts.
         self._queues: OrderedDict[int, deque[Job]] = OrderedDict()
@@ -41,8 +49,7 @@ class Scheduler:
             for job in jobs:
                 self._queues.setdefault(job.webhook_id, deque()).append(job)
                 added += 1
-            if added:
-                self._ready.notify(added)
+            self._wake(added)
 
     def _next(self) -> Job | None:
         for webhook_id, queue in self._queues.items():
@@ -63,11 +70,15 @@ class Scheduler:
         else:
             del self._running[job.webhook_id]
 
+    def _wake(self, n: int) -> None:
+        for _ in range(min(n, len(self._idle))):
+            self._idle.pop().release()
+
     def _wake_for(self, webhook_id: int) -> None:
         # A waiting thread can use the slot just freed only if this webhook
         # has jobs queued and a slot is still free once we took ours.
         if webhook_id in self._queues and self._running.get(webhook_id, 0) < self.per_webhook:
-            self._ready.notify()
+            self._wake(1)
 
     def take(self, after: Job | None = None) -> Job | None:
         """The next job allowed to run, waiting for one; None once closed.
@@ -85,7 +96,16 @@ class Scheduler:
                     if after is not None:
                         self._wake_for(after.webhook_id)
                     return job
-                self._ready.wait()
+                waiter = threading.Lock()
+                waiter.acquire()
+                self._idle.append(waiter)
+                self._lock.release()
+                try:
+                    waiter.acquire()  # until _wake() pops and releases it
+                finally:
+                    self._lock.acquire()
+                    if waiter in self._idle:  # interrupted, not woken
+                        self._idle.remove(waiter)
             return None
 
     def finished(self, job: Job) -> None:
@@ -105,7 +125,13 @@ class Scheduler:
         """Wake every waiting :meth:`take`, which returns None from now on."""
         with self._lock:
             self._closed = True
-            self._ready.notify_all()
+            self._wake(len(self._idle))
+
+    @property
+    def waiting(self) -> int:
+        """Takers waiting for a job."""
+        with self._lock:
+            return len(self._idle)
 
     @property
     def queued(self) -> int:

@@ -75,6 +75,33 @@ def test_senders_never_exceed_the_limit_per_webhook() -> None:
     assert not any(t.is_alive() for t in threads)
 
 
+def test_one_job_at_a_time_goes_to_the_sender_that_went_idle_last() -> None:
+    # At light load the same sender, with its warm keep-alive connection,
+    # sends every request; waking the longest-idle one would rotate through
+    # all of them (and each would open a connection to the receiver).
+    s = Scheduler(per_webhook=4)
+    senders: list[str] = []
+    done = threading.Semaphore(0)
+
+    def send(j: Job) -> None:
+        senders.append(threading.current_thread().name)
+        done.release()
+
+    threads = start_senders(4, s, send)
+    deadline = time.monotonic() + 30
+    for n in range(12):
+        while s.waiting < 4:  # every sender is idle again
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        s.add([job(1, n)])
+        assert done.acquire(timeout=30)
+    s.close()
+    for t in threads:
+        t.join(5)
+    assert len(senders) == 12
+    assert len(set(senders)) == 1, senders
+
+
 def test_claims_ahead_for_a_quick_webhook_and_forgets_webhooks_that_hold_nothing() -> None:
     with stepped_dispatcher(Settings(dsn="", per_webhook_concurrency=4, batch_size=200)) as d:
         quick = [make_job(delivery_id=f"q{i}", webhook_id=1) for i in range(3)]
