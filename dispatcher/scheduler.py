@@ -102,10 +102,12 @@ class Scheduler:
                 self._lock.release()
                 try:
                     waiter.acquire()  # until _wake() pops and releases it
-                finally:
+                except BaseException:
                     self._lock.acquire()
                     if waiter in self._idle:  # interrupted, not woken
                         self._idle.remove(waiter)
+                    raise
+                self._lock.acquire()
             return None
 
     def finished(self, job: Job) -> None:
