@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from psycopg import sql
 
 from dispatcher import db
 from dispatcher.cli import main
@@ -46,6 +47,7 @@ MIGRATIONS = [
     "005_lean_capture",
     "006_quick_turn",
     "007_statement_capture",
+    "008_array_checks",
 ]
 VERSIONS = [name[:3] for name in MIGRATIONS]
 
@@ -128,7 +130,8 @@ def test_upgrading_to_007_fans_out_the_changes_waiting_in_the_outbox(
         c.execute("INSERT INTO t SELECT g FROM generate_series(1, 3) g")
         waiting = c.execute("SELECT max(id) FROM webhooks.outbox").fetchone()
         assert waiting is not None and waiting[0] is not None
-        assert [m.version for m in db.migrate(c)] == ["007"]
+        # 008 then validates its constraints on the deliveries 007 made.
+        assert [m.version for m in db.migrate(c)] == VERSIONS[VERSIONS.index("007") :]
         made = c.execute(
             "SELECT d.object_id, d.state, d.id = webhooks.delivery_uuid(o.id, d.webhook_id, "
             "o.changed_at), o.dispatched_at IS NOT NULL FROM webhooks.delivery d "
@@ -468,6 +471,58 @@ def test_constraints_reject_bad_definitions(conn: psycopg.Connection, change, me
     assert message in err.value.diag.message_primary
     # header values may carry tokens: never echoed
     assert "a\rb" not in str(err.value)
+
+
+#: A row for each queue table, but for the column under test.
+QUEUE_ROWS = {
+    "delivery": {"webhook_id": 1, "webhook_name": "w", "event": "create", "state": "pending"},
+    "delivery_attempt": {
+        "delivery_id": "00000000-0000-0000-0000-000000000000",
+        "attempt": 1,
+        "attempted_at": "2026-01-01T00:00:00Z",
+        "duration_ms": 1.0,
+        "dispatcher": "d",
+        "outcome": "failed",
+        "request_method": "POST",
+        "request_url": "http://127.0.0.1/",
+        "request_headers": "{}",
+    },
+}
+QUEUE_VALUES = [
+    ("delivery", "event", ["create", "update", "delete", "test"]),
+    ("delivery", "state", ["pending", "sending", "succeeded", "failed", "cancelled"]),
+    ("delivery_attempt", "outcome", ["succeeded", "failed", "retrying"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "allowed"), QUEUE_VALUES, ids=[f"{t}.{c}" for t, c, _ in QUEUE_VALUES]
+)
+def test_queue_tables_take_only_their_values(
+    conn: psycopg.Connection, table: str, column: str, allowed: list[str]
+) -> None:
+    validated = conn.execute(
+        "SELECT convalidated FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
+        [f"webhooks.{table}", f"{table}_{column}_check"],
+    ).fetchone()
+    assert validated == (True,)
+
+    def insert(value: str) -> None:
+        row = {**QUEUE_ROWS[table], column: value}
+        conn.execute(
+            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                sql.Identifier("webhooks", table),
+                sql.SQL(", ").join(map(sql.Identifier, row)),
+                sql.SQL(", ").join(sql.Placeholder() * len(row)),
+            ),
+            list(row.values()),
+        )
+
+    for value in allowed:
+        insert(value)
+    for value in ("bogus", allowed[0].upper(), allowed[0] + " "):
+        with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
+            insert(value)
 
 
 def test_good_definitions_are_accepted(conn: psycopg.Connection) -> None:

@@ -336,6 +336,12 @@ def drain(
                 first = snapshot(running)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"benchmark: {len(times)} of {n_expected} deliveries arrived")
+            for p in running:
+                if p.poll() is not None:
+                    raise RuntimeError(
+                        f"benchmark: a dispatcher exited with code {p.returncode} after"
+                        f" {len(times)} of {n_expected} deliveries: see its log in {bench.logdir}"
+                    )
         if cpu is not None and first is not None:
             # Processes started after the first snapshot count from zero;
             # those that ended meanwhile are not counted.
