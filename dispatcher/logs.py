@@ -70,11 +70,11 @@ class _Handoff(QueueHandler):
                     batch.append(queue.get_nowait())
                 except Empty:
                     break
+            if None in batch:  # from close(): what came before it is in this batch
+                batch = batch[: batch.index(None)]
+                done = True
             lines = []
             for record in batch:
-                if record is None:  # from close(): what came before it is in this batch
-                    done = True
-                    continue
                 try:
                     lines.append(self.target.format(record) + "\n")
                 except Exception:
