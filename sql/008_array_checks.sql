@@ -7,8 +7,8 @@
 -- per value; written `x = ANY ('{a,b,...}'::text[])`, it is one constant.
 -- The allowed values are the same. What it saves the dispatcher, in server
 -- instructions (valgrind), for a light turn (one change to one webhook) and
--- its write-back: about 474,000 before, 55,000 fewer (the delivery table's
--- two constraints are read by the fan-out, the claim and the write-back).
+-- its write-back: 476,000 before, 421,000 after (the delivery table's two
+-- constraints are read by the fan-out, the claim and the write-back).
 --
 -- The constraints are added NOT VALID, which needs no look at the rows: they
 -- hold already, by the constraints they replace. VALIDATE then marks them

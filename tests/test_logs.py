@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-#: Logs N lines from each of 4 threads, then M from the main thread, and exits
+#: Logs N lines from each of 4 threads, then N from the main thread, and exits
 #: without shutting logging down itself: the interpreter's exit does.
 SCRIPT = """
 import logging, sys, threading
